@@ -1,0 +1,68 @@
+"""`vllm-flash` command line: init, demo, patches (train/eval/bench come with later work)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import init_draft_for_target, save_draft
+
+    torch.manual_seed(args.seed)
+    overrides = {"num_speculative_tokens": args.k}
+    if args.latents is not None:
+        overrides["num_latents"] = args.latents
+    if args.fusion:
+        overrides["fusion"] = args.fusion
+    draft = init_draft_for_target(args.target, **overrides)
+    out = save_draft(draft, args.out)
+    n = sum(p.numel() for p in draft.parameters())
+    print(f"wrote a random FLASH draft ({n / 1e6:.2f}M parameters, K={draft.config.num_speculative_tokens}, "
+          f"C={draft.config.num_latents}) for {args.target} to {out}")
+    return 0
+
+
+def cmd_patches(args: argparse.Namespace) -> int:
+    from vllm_flash.patches import apply_all, describe
+
+    apply_all()
+    print(describe())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-flash", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write a randomly initialised FLASH draft sized for a target")
+    p.add_argument("--target", required=True, help="target LMM directory (HF format, safetensors)")
+    p.add_argument("--out", required=True, help="draft directory to write")
+    p.add_argument("--k", type=int, default=4, help="draft tokens per pass (SAR block size)")
+    p.add_argument("--latents", type=int, default=None, help="latent queries per image/frame (0: none)")
+    p.add_argument("--fusion", choices=["gated", "linear"], default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("patches", help="list the changes vllm-flash makes to vLLM")
+    p.set_defaults(func=cmd_patches)
+
+    p = sub.add_parser("demo", help="serve a tiny multimodal target with a FLASH draft and print results")
+    p.add_argument("--workdir", default=".vllm-flash-demo", help="where the demo builds its models")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The FLASH draft model in plain PyTorch.
+
+One place for every piece of the draft: the latent-query visual compressor and its token layout, the
+embedding/feature fusion, the semi-autoregressive (SAR) slot expansion, the single decoder layer, the loss.
+`FlashDraft` is the reference used for training and for checking the vLLM version against; the vLLM model
+(`vllm_flash.vllm_model`) owns a `FlashDraft` and calls these same functions, swapping only the attention
+kernel (dense masked SDPA here, vLLM's paged `Attention` there).
+
+Conventions (see FLASH.md):
+- A draft position t reads (embedding of token t+1, target feature at t) and its slot i predicts the target
+  feature at t+1+i, i.e. token t+2+i. At inference the last position's K slots give K draft tokens.
+- Draft rotary positions are 1-D: the token's index in the sequence, except that every token of one image
+  or video frame takes the index of the frame's first token. M-RoPE targets are handled the same way: the
+  draft never needs the target's 3-D positions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FlashConfig
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small shared layers
+# ---------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * self.weight.float()).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Neox-style rotary embedding. x: (..., L, H, D); positions: (..., L)."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[..., None, :]  # (..., L, 1, D)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * emb.cos() + rotated * emb.sin()).to(x.dtype)
+
+
+class Fusion(nn.Module):
+    """Text-position input: fuse [embedding(token t+1); feature(t)] into one hidden vector."""
+
+    def __init__(self, hidden: int, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "gated":  # SiLU(W_g x) * (W_u x), as in the released FLASH code
+            self.gate = nn.Linear(2 * hidden, hidden, bias=False)
+            self.up = nn.Linear(2 * hidden, hidden, bias=False)
+        else:  # EAGLE's plain linear layer
+            self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+
+    def forward(self, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([embeds.to(features.dtype), features], dim=-1)
+        if self.kind == "gated":
+            return F.silu(self.gate(x)) * self.up(x)
+        return self.fc(x)
+
+
+class LatentCompressor(nn.Module):
+    """F^_V = softmax(Q F_V^T / sqrt(d)) F_V with C learnable queries, applied per image or video frame."""
+
+    def __init__(self, num_latents: int, hidden: int) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_latents, hidden) * hidden**-0.5)
+
+    def forward(self, frames: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """frames: (G, L, d) padded visual features; valid: (G, L) bool. Returns (G, C, d)."""
+        scores = torch.einsum("cd,gld->gcl", self.queries.to(frames.dtype), frames) / math.sqrt(frames.shape[-1])
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        return torch.softmax(scores.float(), dim=-1).to(frames.dtype) @ frames
+
+
+def latent_layout(lengths: torch.Tensor, num_latents: int, max_len: int) -> torch.Tensor:
+    """Which compressed token fills each of a frame's token slots: slot k of an n-token frame holds latent
+    floor(k * C / n). vLLM keeps one draft KV entry per target position, so an n-token frame keeps n entries,
+    each a copy of one of its C latents (n/C copies each, in runs). Attention over those copies equals
+    attention over the C latents plus a fixed log(copies) bias; the draft trains on exactly this layout, and
+    the copies share one rotary position, so their keys are identical. Serving and training both call this.
+    Returns (G, max_len) int64; entries past a frame's length are meaningless."""
+    k = torch.arange(max_len, device=lengths.device)
+    return (k[None, :] * num_latents) // lengths.clamp(min=1)[:, None]
+
+
+@dataclass
+class VisualFrames:
+    """Visual token runs in a flat token axis: frame g covers tokens [starts[g], starts[g] + lengths[g])."""
+
+    starts: torch.Tensor  # (G,) int64
+    lengths: torch.Tensor  # (G,) int64
+
+    def __len__(self) -> int:
+        return int(self.starts.numel())
+
+
+def apply_visual_inputs(
+    compressor: LatentCompressor | None,
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    features: torch.Tensor,
+    frames: VisualFrames,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace the hidden inputs at visual tokens by their frame's compressed features (which bypass the
+    text fusion), and give every token of a frame the frame's first position. hidden/features: (N, d),
+    positions: (N,). Without a compressor (ablation) the raw features are used, one per token."""
+    if len(frames) == 0:
+        return hidden, positions
+    lengths = frames.lengths
+    max_len = int(lengths.max())
+    offsets = torch.arange(max_len, device=hidden.device)
+    index = frames.starts[:, None] + offsets[None, :]  # (G, L)
+    valid = offsets[None, :] < lengths[:, None]
+    index = torch.where(valid, index, frames.starts[:, None])
+    frame_features = features[index]  # (G, L, d)
+    if compressor is not None:
+        latents = compressor(frame_features, valid)  # (G, C, d)
+        slots = latent_layout(lengths, latents.shape[1], max_len)
+        values = torch.gather(latents, 1, slots[..., None].expand(-1, -1, latents.shape[-1]))
+    else:
+        values = frame_features
+    hidden = hidden.clone()
+    positions = positions.clone()
+    flat_index = index[valid]
+    hidden[flat_index] = values[valid].to(hidden.dtype)
+    positions[flat_index] = positions[frames.starts][:, None].expand(-1, max_len)[valid]
+    return hidden, positions
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The decoder layer (attention kernel injected)
+# ---------------------------------------------------------------------------------------------------------
+class DraftLayer(nn.Module):
+    def __init__(self, config: FlashConfig) -> None:
+        super().__init__()
+        d, h, kv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+        self.rope_theta = config.rope_theta
+        self.input_norm = RMSNorm(d, config.rms_norm_eps)
+        self.q_proj = nn.Linear(d, h * hd, bias=False)
+        self.k_proj = nn.Linear(d, kv * hd, bias=False)
+        self.v_proj = nn.Linear(d, kv * hd, bias=False)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+        self.post_attention_norm = RMSNorm(d, config.rms_norm_eps)
+        self.gate_proj = nn.Linear(d, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(d, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, d, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """x: (..., L, d); positions: (..., L). `attend(q, k, v)` takes (..., L, heads, head_dim) tensors
+        with rotary applied and returns (..., L, heads * head_dim)."""
+        shape = x.shape[:-1]
+        y = self.input_norm(x)
+        q = self.q_proj(y).view(*shape, self.num_heads, self.head_dim)
+        k = self.k_proj(y).view(*shape, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(y).view(*shape, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(q, positions, self.rope_theta)
+        k = apply_rotary(k, positions, self.rope_theta)
+        x = x + self.o_proj(attend(q, k, v))
+        y = self.post_attention_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
+
+
+def sar_mask(num_positions: int, k: int, device: torch.device | None = None) -> torch.Tensor:
+    """The SAR block mask over T*K tokens ordered (t, i) -> t*K + i: slot (t, i) sees slot 0 of every
+    earlier position and slots 0..i of its own block. True = may attend."""
+    t = torch.arange(num_positions, device=device).repeat_interleave(k)
+    i = torch.arange(k, device=device).repeat(num_positions)
+    earlier_slot0 = (i[None, :] == 0) & (t[None, :] < t[:, None])
+    own_block = (t[None, :] == t[:, None]) & (i[None, :] <= i[:, None])
+    return earlier_slot0 | own_block
+
+
+def dense_attention(mask: torch.Tensor) -> Attend:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # (B, L, H, D) -> (B, H, L, D); grouped KV heads are repeated to the query head count.
+        q, k, v = (t.transpose(-3, -2) for t in (q, k, v))
+        repeat = q.shape[-3] // k.shape[-3]
+        if repeat > 1:
+            k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(-3, -2).flatten(-2)
+
+    return attend
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The draft
+# ---------------------------------------------------------------------------------------------------------
+class FlashDraft(nn.Module):
+    """FLASH draft: fusion + compressor + SAR slots + one decoder layer + RMSNorm, read out by the target's
+    frozen LM head. The target's embedding and LM head are attached, never saved with the draft."""
+
+    def __init__(self, config: FlashConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, k = config.hidden_size, config.num_speculative_tokens
+        self.fusion = Fusion(d, config.fusion)
+        self.compressor = LatentCompressor(config.num_latents, d) if config.num_latents > 0 else None
+        self.slot_embedding = nn.Parameter(torch.randn(k - 1, d) * 0.02)
+        self.slot_gate = nn.Parameter(torch.ones(k - 1)) if config.slot_residual_gate else None
+        self.layer = DraftLayer(config)
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.register_buffer("embed_weight", torch.empty(0), persistent=False)
+        self.register_buffer("lm_head_weight", torch.empty(0), persistent=False)
+
+    def attach_target_head(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
+        self.embed_weight = embed_weight.detach()
+        self.lm_head_weight = lm_head_weight.detach()
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.embed_weight)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.lm_head_weight.to(features.dtype).t()
+
+    # -- the pieces the vLLM model reuses -------------------------------------------------------------------
+    def input_states(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+                     frames: VisualFrames | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat (N, d) inputs -> (N, d) hidden inputs and (N,) draft positions."""
+        hidden = self.fusion(embeds, features)
+        if frames is not None:
+            hidden, positions = apply_visual_inputs(self.compressor, hidden, positions, features, frames)
+        return hidden, positions
+
+    def slot_inputs(self, anchor: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Slot i of a block: anchor hidden h_t (optionally gated) plus slot_embedding[i]; slot 0 is h_t."""
+        zero = self.slot_embedding.new_zeros(1, self.slot_embedding.shape[-1])
+        offsets = torch.cat([zero, self.slot_embedding], dim=0)[slot]
+        if self.slot_gate is not None:
+            gates = torch.cat([self.slot_gate.new_ones(1), self.slot_gate])[slot]
+            anchor = anchor * gates[..., None].to(anchor.dtype)
+        return anchor + offsets.to(anchor.dtype)
+
+    # -- reference forward over whole sequences (training, checking) -----------------------------------------
+    def forward(self, next_ids: torch.Tensor, features: torch.Tensor,
+                frames: VisualFrames | None = None, k: int | None = None) -> torch.Tensor:
+        """All positions at once with the SAR block mask.
+
+        next_ids: (B, T) token t+1 at position t; features: (B, T, d) target features at t;
+        frames: visual runs in the flattened (B*T) token axis. Returns predicted features (B, T, K, d).
+        """
+        k = k or self.config.num_speculative_tokens
+        b, t, d = features.shape
+        positions = torch.arange(t, device=features.device).expand(b, t).reshape(-1)
+        hidden, positions = self.input_states(self.embed(next_ids).reshape(b * t, d),
+                                              features.reshape(b * t, d), positions, frames)
+        hidden, positions = hidden.view(b, t, d), positions.view(b, t)
+        slot = torch.arange(k, device=features.device)
+        x = self.slot_inputs(hidden[:, :, None, :].expand(b, t, k, d), slot.expand(b, t, k))
+        pos = positions[:, :, None] + slot
+        mask = sar_mask(t, k, features.device)
+        out = self.layer(x.reshape(b, t * k, d), pos.reshape(b, t * k), dense_attention(mask))
+        return self.norm(out).view(b, t, k, d)
+
+    @torch.no_grad()
+    def draft_logits(self, next_ids: torch.Tensor, features: torch.Tensor,
+                     frames: VisualFrames | None = None, k: int | None = None) -> torch.Tensor:
+        """Logits (K, V) of the K draft tokens proposed after the last position of one sequence.
+        next_ids: (T,), features: (T, d)."""
+        predicted = self.forward(next_ids[None], features[None], frames, k)
+        return self.logits(predicted[0, -1])
+
+    def propose(self, next_ids: torch.Tensor, features: torch.Tensor,
+                frames: VisualFrames | None = None, k: int | None = None) -> torch.Tensor:
+        """K greedy draft tokens after the last position of one sequence."""
+        return self.draft_logits(next_ids, features, frames, k).argmax(-1)
+
+
+@dataclass
+class FlashLoss:
+    loss: torch.Tensor
+    slot_accuracy: list[float]
+    slot_count: list[int]
+
+
+def flash_loss(draft: FlashDraft, predicted: torch.Tensor, target_features: torch.Tensor,
+               target_mask: torch.Tensor, input_mask: torch.Tensor, ce_weight: float = 0.1) -> FlashLoss:
+    """SmoothL1(predicted, target feature) + ce_weight * soft cross-entropy against the target's token
+    distribution, over the K slots. Slot i at position t is scored when position t is a text input
+    (input_mask) and position t+1+i is a prediction target (target_mask)."""
+    b, t, k, _ = predicted.shape
+    total = predicted.new_zeros(())
+    count = 0
+    accuracy, counts = [], []
+    for i in range(k):  # K is small; everything inside is batched over positions
+        span = t - 1 - i
+        if span <= 0:
+            accuracy.append(0.0)
+            counts.append(0)
+            continue
+        mask = target_mask[:, 1 + i:] & input_mask[:, :span]
+        pred = predicted[:, :span, i][mask]
+        target = target_features[:, 1 + i:][mask]
+        n = pred.shape[0]
+        counts.append(n)
+        if n == 0:
+            accuracy.append(0.0)
+            continue
+        regression = F.smooth_l1_loss(pred.float(), target.float(), reduction="sum") / pred.shape[-1]
+        draft_logp = torch.log_softmax(draft.logits(pred).float(), dim=-1)
+        with torch.no_grad():
+            target_logits = draft.logits(target).float()
+            target_p = torch.softmax(target_logits, dim=-1)
+            accuracy.append((draft_logp.argmax(-1) == target_logits.argmax(-1)).float().mean().item())
+        soft_ce = -(target_p * draft_logp).sum()
+        total = total + regression + ce_weight * soft_ce
+        count += n
+    return FlashLoss(total / max(count, 1), accuracy, counts)
