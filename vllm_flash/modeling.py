@@ -94,9 +94,9 @@ def latent_layout(lengths: torch.Tensor, num_latents: int, max_len: int) -> torc
     each a copy of one of its C latents (n/C copies each, in runs). Attention over those copies equals
     attention over the C latents plus a fixed log(copies) bias; the draft trains on exactly this layout, and
     the copies share one rotary position, so their keys are identical. Serving and training both call this.
-    Returns (G, max_len) int64; entries past a frame's length are meaningless."""
+    Returns (G, max_len) int64; entries past a frame's length are clamped, meaningless indices."""
     k = torch.arange(max_len, device=lengths.device)
-    return (k[None, :] * num_latents) // lengths.clamp(min=1)[:, None]
+    return ((k[None, :] * num_latents) // lengths.clamp(min=1)[:, None]).clamp(max=num_latents - 1)
 
 
 @dataclass
@@ -323,3 +323,29 @@ def flash_loss(draft: FlashDraft, predicted: torch.Tensor, target_features: torc
         total = total + regression + ce_weight * soft_ce
         count += n
     return FlashLoss(total / max(count, 1), accuracy, counts)
+
+
+def frames_from_token_ids(token_ids: torch.Tensor | list[int], image_token_id: int | None,
+                          video_token_id: int | None, frames_per_video: list[int] | None = None,
+                          offset: int = 0) -> tuple[list[int], list[int]]:
+    """(starts, lengths) of images and video frames in one token sequence: each contiguous run of image
+    tokens is one image; the i-th run of video tokens is split into frames_per_video[i] equal frames."""
+    ids = torch.as_tensor(token_ids)
+    starts: list[int] = []
+    lengths: list[int] = []
+    videos = iter(frames_per_video or [])
+    for token, split in ((image_token_id, False), (video_token_id, True)):
+        if token is None:
+            continue
+        flags = torch.cat([torch.tensor([False]), ids == token, torch.tensor([False])]).int()
+        edges = torch.diff(flags)
+        run_starts = torch.nonzero(edges == 1).flatten().tolist()
+        run_ends = torch.nonzero(edges == -1).flatten().tolist()
+        for s, e in zip(run_starts, run_ends):
+            n = next(videos, 1) if split else 1
+            per = (e - s) // n
+            for f in range(n):
+                starts.append(offset + s + f * per)
+                lengths.append(per)
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    return [starts[i] for i in order], [lengths[i] for i in order]

@@ -33,6 +33,12 @@ class FlashProposer(EagleProposer):
         self.parallel_drafting_hidden_state_tensor = torch.zeros(self.hidden_size, dtype=self.dtype,
                                                                  device=self.device)
 
+    def load_model(self, target_model) -> None:
+        # The draft takes no multimodal embeddings (visual positions use compressed target features), so the
+        # runner need not gather them for it; saying so up front also skips vLLM's text-only fallback warning.
+        self.supports_mm_inputs = False
+        super().load_model(target_model)
+
     def _maybe_share_embeddings(self, target_language_model) -> None:
         # A FLASH draft never has its own embedding or LM head: it reads the target's, by reference.
         self.model.model.embed_tokens = target_language_model.model.embed_tokens

@@ -172,3 +172,52 @@ def build_tiny_target(kind: str, out_dir: str | Path, **kwargs) -> Path:
     if out.exists():
         shutil.rmtree(out)
     return BUILDERS[kind](out, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests for the tiny targets (tests, demo)
+# ---------------------------------------------------------------------------------------------------------
+def random_image(seed: int, size: int):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(size, size, 3) * 255).astype("uint8"))
+
+
+def video_input(frames) -> tuple:
+    """vLLM 0.32 wants Qwen2.5-VL video arrays with their metadata."""
+    n = len(frames)
+    return (frames, {"total_num_frames": n, "fps": 1.0, "duration": n, "video_backend": "opencv",
+                     "frames_indices": list(range(n)), "do_sample_frames": False})
+
+
+def random_video(seed: int, num_frames: int, size: int):
+    import numpy as np
+
+    return video_input((np.random.RandomState(seed).rand(num_frames, size, size, 3) * 255).astype("uint8"))
+
+
+def chat_prompt(kind: str, text: str, images: int = 0, video: bool = False) -> str:
+    if kind == "qwen2_5_vl":
+        vision = "<|vision_start|><|image_pad|><|vision_end|>" * images
+        vision += "<|vision_start|><|video_pad|><|vision_end|>" if video else ""
+        return f"<|im_start|>user\n{vision}{text}<|im_end|>\n<|im_start|>assistant\n"
+    return "USER: " + "<image>\n" * images + f"{text} ASSISTANT:"
+
+
+def mixed_requests(kind: str, seed: int = 0, image_size: int | None = None) -> list:
+    """Text-only (short and long), 1-image, 2-image and (Qwen2.5-VL) video requests."""
+    size = image_size or (112 if kind == "qwen2_5_vl" else 56)
+    words = " ".join(CORPUS_WORDS[(seed + i) % len(CORPUS_WORDS)] for i in range(40))
+    requests: list = [
+        chat_prompt(kind, "red circle"),
+        chat_prompt(kind, f"describe {words}"),
+        {"prompt": chat_prompt(kind, "describe the picture", images=1),
+         "multi_modal_data": {"image": random_image(seed + 1, size)}},
+        {"prompt": chat_prompt(kind, "what is left and right", images=2),
+         "multi_modal_data": {"image": [random_image(seed + 2, size), random_image(seed + 3, size)]}},
+    ]
+    if kind == "qwen2_5_vl":
+        requests.append({"prompt": chat_prompt(kind, "describe what happens", video=True),
+                         "multi_modal_data": {"video": random_video(seed + 4, 4, size)}})
+    return requests

@@ -1,0 +1,217 @@
+"""The reference FLASH draft: mask, compressor, shapes, loss, checkpoints, config validation."""
+import itertools
+
+import pytest
+import torch
+
+from vllm_flash.checkpoint import CheckpointError, load_draft, save_draft
+from vllm_flash.config import FlashConfig, FlashConfigError, validate_against_target
+from vllm_flash.modeling import FlashDraft, LatentCompressor, VisualFrames, flash_loss, latent_layout, sar_mask
+
+HIDDEN, VOCAB = 64, 97
+
+
+def make_draft(k=4, latents=4, seed=0, **kw) -> FlashDraft:
+    torch.manual_seed(seed)
+    config = FlashConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=128, num_speculative_tokens=k, num_latents=latents,
+                         target_architecture="Toy", **kw)
+    draft = FlashDraft(config)
+    draft.attach_target_head(torch.randn(VOCAB, HIDDEN), torch.randn(VOCAB, HIDDEN) / HIDDEN**0.5)
+    return draft
+
+
+@pytest.mark.parametrize("t,k", [(1, 1), (3, 2), (5, 4), (7, 3)])
+def test_sar_mask_matches_brute_force(t, k):
+    mask = sar_mask(t, k)
+    for (tq, iq), (tk, ik) in itertools.product(itertools.product(range(t), range(k)), repeat=2):
+        allowed = (ik == 0 and tk < tq) or (tk == tq and ik <= iq)
+        assert bool(mask[tq * k + iq, tk * k + ik]) == allowed, (tq, iq, tk, ik)
+
+
+def test_sar_block_of_last_position_equals_causal_attention_over_prefix_plus_slots():
+    # What vLLM computes at inference ([real positions..., K-1 slots], causal) is what training computes.
+    t, k = 6, 4
+    mask = sar_mask(t, k)
+    last_block = mask[(t - 1) * k:, :]
+    keys = [(s, 0) for s in range(t)] + [(t - 1, i) for i in range(1, k)]
+    cols = [s * k + i for s, i in keys]
+    causal = torch.ones(k, len(cols), dtype=torch.bool).tril(diagonal=t - 1)
+    assert torch.equal(last_block[:, cols], causal)
+    assert last_block.sum() == causal.sum()  # nothing outside those keys
+
+
+def test_compressor_invariant_to_token_permutation_and_frames_independent():
+    torch.manual_seed(0)
+    comp = LatentCompressor(3, HIDDEN)
+    frames = torch.randn(2, 10, HIDDEN)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    out = comp(frames, valid)
+    perm = torch.randperm(10)
+    permuted = comp(frames[:, perm], valid)
+    torch.testing.assert_close(out, permuted, rtol=1e-5, atol=1e-6)
+    changed = frames.clone()
+    changed[1] += torch.randn_like(changed[1])
+    out2 = comp(changed, valid)
+    torch.testing.assert_close(out2[0], out[0])  # frame 0 does not see frame 1
+    assert not torch.allclose(out2[1], out[1])
+
+
+def test_compressor_ignores_padding():
+    torch.manual_seed(0)
+    comp = LatentCompressor(3, HIDDEN)
+    frames = torch.randn(1, 10, HIDDEN)
+    valid = torch.zeros(1, 10, dtype=torch.bool)
+    valid[0, :6] = True
+    garbage = frames.clone()
+    garbage[0, 6:] = 1e3 * torch.randn(4, HIDDEN)
+    torch.testing.assert_close(comp(frames, valid), comp(garbage, valid))
+    torch.testing.assert_close(comp(frames, valid), comp(frames[:, :6], valid[:, :6]))
+
+
+def test_latent_layout_runs_cover_all_latents_in_order():
+    lengths = torch.tensor([16, 10, 3])
+    layout = latent_layout(lengths, 4, 16)
+    assert layout[0].tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    assert layout[1, :10].tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
+    assert layout[2, :3].tolist() == [0, 1, 2]
+
+
+def sample_batch(kind: str, b=2, t=24, seed=0):
+    """(next_ids, features, frames) for text-only, 1-image, 2-image and video batches."""
+    g = torch.Generator().manual_seed(seed)
+    next_ids = torch.randint(VOCAB, (b, t), generator=g)
+    features = torch.randn(b, t, HIDDEN, generator=g)
+    runs = {"text": [], "image": [(3, 8)], "two_images": [(2, 5), (10, 7)], "video": [(4, 4), (8, 4), (12, 4)]}[kind]
+    starts = [s + row * t for row in range(b) for s, _ in runs]
+    lengths = [n for _ in range(b) for _, n in runs]
+    frames = VisualFrames(torch.tensor(starts, dtype=torch.long), torch.tensor(lengths, dtype=torch.long))
+    return next_ids, features, frames
+
+
+@pytest.mark.parametrize("kind", ["text", "image", "two_images", "video"])
+def test_forward_shapes(kind):
+    draft = make_draft()
+    next_ids, features, frames = sample_batch(kind)
+    out = draft(next_ids, features, frames)
+    assert out.shape == (2, 24, 4, HIDDEN)
+    assert torch.isfinite(out).all()
+    assert draft.propose(next_ids[0], features[0], VisualFrames(frames.starts[: len(frames) // 2],
+                                                                frames.lengths[: len(frames) // 2])).shape == (4,)
+
+
+def test_visual_tokens_use_compressed_features_and_frame_position():
+    draft = make_draft()
+    next_ids, features, frames = sample_batch("image", b=1)
+    h = draft.fusion(draft.embed(next_ids[0]), features[0])
+    hidden, positions = draft.input_states(draft.embed(next_ids[0]), features[0], torch.arange(24), frames)
+    assert torch.equal(hidden[:3], h[:3]) and torch.equal(hidden[11:], h[11:])  # text untouched
+    assert positions[3:11].tolist() == [3] * 8 and positions[11:].tolist() == list(range(11, 24))
+    # 8 tokens, 4 latents: runs of two identical inputs
+    assert torch.equal(hidden[3], hidden[4]) and not torch.equal(hidden[4], hidden[5])
+    # the compressed values do not depend on the text around the image
+    features2 = features.clone()
+    features2[0, :3] += 1.0
+    hidden2, _ = draft.input_states(draft.embed(next_ids[0]), features2[0], torch.arange(24), frames)
+    torch.testing.assert_close(hidden2[3:11], hidden[3:11])
+
+
+def test_last_position_block_depends_only_on_prefix():
+    # Future positions must not leak into a position's drafts (the mask is causal over positions).
+    draft = make_draft()
+    next_ids, features, _ = sample_batch("text", b=1)
+    full = draft(next_ids, features)
+    prefix = draft(next_ids[:, :10], features[:, :10])
+    torch.testing.assert_close(full[:, :10], prefix, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_falls_when_overfitting_a_tiny_batch():
+    draft = make_draft()
+    # A peaked LM head: soft cross-entropy is bounded below by the target distribution's entropy.
+    draft.attach_target_head(draft.embed_weight, draft.lm_head_weight * 30)
+    next_ids, features, frames = sample_batch("image", b=2, t=16)
+    # Targets are a function of the inputs so that they can be learned.
+    torch.manual_seed(1)
+    proj = torch.randn(HIDDEN, HIDDEN) / HIDDEN**0.5
+    target = torch.tanh(features @ proj)
+    text = torch.ones(2, 16, dtype=torch.bool)
+    text.view(-1)[frames.starts[0]:frames.starts[0] + frames.lengths[0]] = False
+    opt = torch.optim.AdamW(draft.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(300):
+        result = flash_loss(draft, draft(next_ids, target, frames), target, torch.ones_like(text), text)
+        opt.zero_grad()
+        result.loss.backward()
+        opt.step()
+        losses.append(result.loss.item())
+    assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
+    assert all(c > 0 for c in result.slot_count)
+
+
+def test_save_load_round_trip_is_bit_identical(tmp_path):
+    draft = make_draft(slot_residual_gate=True)
+    next_ids, features, frames = sample_batch("video", b=1)
+    save_draft(draft, tmp_path / "d")
+    loaded = load_draft(tmp_path / "d")
+    loaded.attach_target_head(draft.embed_weight, draft.lm_head_weight)
+    assert torch.equal(draft(next_ids, features, frames), loaded(next_ids, features, frames))
+
+
+def test_load_rejects_missing_and_misshaped_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_draft(make_draft(), tmp_path / "d")
+    state = load_file(tmp_path / "d" / "model.safetensors")
+    del state["norm.weight"]
+    state["fusion.gate.weight"] = torch.zeros(3, 3)
+    save_file(state, tmp_path / "d" / "model.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        load_draft(tmp_path / "d")
+    assert "missing tensor norm.weight" in str(err.value)
+    assert "fusion.gate.weight has shape (3, 3), expected (64, 128)" in str(err.value)
+
+
+def test_load_refuses_pickle_only_and_nan_weights(tmp_path):
+    save_draft(make_draft(), tmp_path / "d")
+    (tmp_path / "d" / "model.safetensors").rename(tmp_path / "d" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickle-based weights.*safetensors only"):
+        load_draft(tmp_path / "d")
+    draft = make_draft()
+    with torch.no_grad():
+        draft.norm.weight[0] = float("nan")
+    save_draft(draft, tmp_path / "n")
+    with pytest.raises(CheckpointError, match="norm.weight contains NaN"):
+        load_draft(tmp_path / "n")
+
+
+def test_config_validation_errors_name_field_and_values(qwen_target):
+    from transformers import AutoConfig
+
+    target = AutoConfig.from_pretrained(qwen_target)
+    good = FlashConfig.for_target(target, num_latents=4)
+    validate_against_target(good, target, num_speculative_tokens=4)
+    cases = {
+        "hidden_size": ("hidden_size=64", "hidden_size: draft has 64, target has 128"),
+        "vocab_size": ("vocab_size=10", "vocab_size: draft has 10, target has"),
+        "image_token_id": ("image_token_id=1", "image_token_id: draft has 1, target has"),
+        "video_token_id": ("video_token_id=2", "video_token_id: draft has 2, target has"),
+        "target_uses_mrope": ("target_uses_mrope=False", "uses_mrope: draft has False, target has True"),
+        "target_architecture": ("target_architecture='Llava'", "architecture: draft has 'Llava', target has"),
+    }
+    for field, (assignment, message) in cases.items():
+        name, value = assignment.split("=", 1)
+        bad = FlashConfig.for_target(target, num_latents=4, **{name: eval(value)})
+        with pytest.raises(FlashConfigError) as err:
+            validate_against_target(bad, target)
+        assert message in str(err.value), (field, str(err.value))
+    with pytest.raises(FlashConfigError, match="num_speculative_tokens: requested 6, but the draft has 4"):
+        validate_against_target(good, target, num_speculative_tokens=6)
+
+
+def test_config_internal_errors():
+    with pytest.raises(FlashConfigError, match="fusion='mlp'"):
+        FlashConfig(fusion="mlp")
+    with pytest.raises(FlashConfigError, match="num_attention_heads=3 is not a multiple of num_key_value_heads=2"):
+        FlashConfig(num_attention_heads=3, num_key_value_heads=2, head_dim=32)
+    with pytest.raises(FlashConfigError, match="num_latents=-1"):
+        FlashConfig(num_latents=-1)

@@ -1,0 +1,80 @@
+"""The FLASH draft inside vLLM (paged KV, incremental steps) computes what the PyTorch reference computes
+on the same target features: text-only, image, two-image and video requests, Qwen2.5-VL and LLaVA."""
+import pytest
+import torch
+
+from vllm_flash.checkpoint import init_draft_for_target, load_draft, load_target_head, load_target_config, save_draft
+from vllm_flash.config import target_facts
+from vllm_flash.modeling import VisualFrames, frames_from_token_ids
+from vllm_flash.proposer import FlashProposer
+from vllm_flash.tiny_targets import mixed_requests
+
+from .vllm_helpers import greedy, llm_session
+
+
+class Recorder:
+    """Captures, per draft pass, what the drafter received and the logits it sampled from."""
+
+    def __init__(self, monkeypatch):
+        self.steps = []
+        original_set_inputs = FlashProposer.set_inputs_first_pass
+        original_sample = FlashProposer._sample_draft_tokens
+        recorder = self
+
+        def set_inputs(self, target_token_ids, next_token_ids, target_positions, target_hidden_states,
+                       token_indices_to_sample, cad, num_rejected_tokens_gpu):
+            recorder.steps.append({
+                "token_ids": target_token_ids.clone(), "next": next_token_ids.clone(),
+                "hidden": target_hidden_states.clone(), "seq_len": int(cad.seq_lens[0]),
+                "rejected": 0 if num_rejected_tokens_gpu is None else int(num_rejected_tokens_gpu[0]),
+            })
+            return original_set_inputs(self, target_token_ids, next_token_ids, target_positions,
+                                       target_hidden_states, token_indices_to_sample, cad, num_rejected_tokens_gpu)
+
+        def sample(self, hidden_states, sampling_metadata):
+            recorder.steps[-1]["logits"] = self.model.compute_logits(hidden_states).clone()
+            return original_sample(self, hidden_states, sampling_metadata)
+
+        monkeypatch.setattr(FlashProposer, "set_inputs_first_pass", set_inputs)
+        monkeypatch.setattr(FlashProposer, "_sample_draft_tokens", sample)
+
+    def sequences(self):
+        """For each pass: (next_ids, features) of positions 0..anchor, rebuilt from all passes so far."""
+        features, next_ids = {}, {}
+        for step in self.steps:
+            n = step["token_ids"].shape[0]
+            first = step["seq_len"] - n
+            valid = n - step["rejected"]  # accepted target tokens; the last one is the anchor
+            for j in range(valid):
+                features[first + j] = step["hidden"][j]
+                next_ids[first + j] = int(step["token_ids"][j + 1]) if j + 1 < valid else int(step["next"][0])
+            anchor = first + valid - 1
+            assert sorted(features)[: anchor + 1] == list(range(anchor + 1))
+            yield (torch.tensor([next_ids[p] for p in range(anchor + 1)]),
+                   torch.stack([features[p] for p in range(anchor + 1)]), step["logits"])
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "llava"])
+def test_vllm_draft_logits_equal_reference(kind, request, tmp_path, monkeypatch):
+    target = request.getfixturevalue("qwen_target" if kind == "qwen2_5_vl" else "llava_target")
+    torch.manual_seed(0)
+    save_draft(init_draft_for_target(target, num_speculative_tokens=4, num_latents=4), tmp_path / "draft")
+    reference = load_draft(tmp_path / "draft")
+    reference.attach_target_head(*load_target_head(target))
+    facts = target_facts(load_target_config(target))
+    recorder = Recorder(monkeypatch)
+    with llm_session(target, tmp_path / "draft", k=4, enable_prefix_caching=False) as llm:
+        for i, req in enumerate(mixed_requests(kind)):
+            recorder.steps.clear()
+            out = llm.generate([req], greedy(max_tokens=12))[0]
+            prompt = out.prompt_token_ids
+            videos = [2] if kind == "qwen2_5_vl" and "video" in str(req) else []  # 4 frames / temporal patch 2
+            starts, lengths = frames_from_token_ids(prompt, facts["image_token_id"], facts["video_token_id"], videos)
+            checked = 0
+            for next_ids, features, logits in recorder.sequences():
+                frames = VisualFrames(torch.tensor(starts), torch.tensor(lengths)) if starts else None
+                expected = reference.draft_logits(next_ids, features, frames, k=4)
+                torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4,
+                                           msg=lambda m: f"request {i}, pass {checked}: {m}")
+                checked += 1
+            assert checked >= 2, "expected a prefill pass and at least one decode pass"

@@ -1,0 +1,41 @@
+"""Shared helpers for the tests that run real vLLM (CPU, in-process)."""
+from __future__ import annotations
+
+import gc
+import contextlib
+
+from vllm import LLM, SamplingParams
+
+
+def make_llm(target, draft=None, k=4, **kwargs) -> LLM:
+    spec = None if draft is None else {"method": "flash", "model": str(draft), "num_speculative_tokens": k}
+    options = dict(dtype="float32", enforce_eager=True, max_model_len=1024, seed=0, disable_log_stats=False,
+                   limit_mm_per_prompt={"image": 2, "video": 1} if "qwen" in str(target) else {"image": 2})
+    options.update(kwargs)
+    return LLM(model=str(target), speculative_config=spec, **options)
+
+
+@contextlib.contextmanager
+def llm_session(*args, **kwargs):
+    llm = make_llm(*args, **kwargs)
+    try:
+        yield llm
+    finally:
+        del llm
+        gc.collect()
+
+
+def greedy(max_tokens=24, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def spec_metrics(llm: LLM) -> dict:
+    found = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode"):
+            found[m.name.removeprefix("vllm:spec_decode_")] = getattr(m, "values", None) or m.value
+    return found
