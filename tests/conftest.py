@@ -5,6 +5,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Several engines share this process; vLLM re-seeds its prefix-cache hash per engine unless this is set,
+# which leaves a later engine's request hashes out of step with its cache (no hits).
+os.environ.setdefault("PYTHONHASHSEED", "0")
 
 import pytest  # noqa: E402
 
@@ -24,3 +27,30 @@ def llava_target(tmp_path_factory):
 @pytest.fixture(scope="session", params=["qwen2_5_vl", "llava"])
 def any_target(request):
     return request.getfixturevalue("qwen_target" if request.param == "qwen2_5_vl" else "llava_target")
+
+
+def _write_random_draft(target, out, k=4, latents=4, seed=0):
+    import torch
+
+    from vllm_flash.checkpoint import init_draft_for_target, save_draft
+
+    torch.manual_seed(seed)
+    return save_draft(init_draft_for_target(target, num_speculative_tokens=k, num_latents=latents), out)
+
+
+@pytest.fixture(scope="session")
+def qwen_random_draft(qwen_target, tmp_path_factory):
+    return _write_random_draft(qwen_target, tmp_path_factory.mktemp("drafts") / "qwen_random")
+
+
+@pytest.fixture(scope="session")
+def llava_random_draft(llava_target, tmp_path_factory):
+    return _write_random_draft(llava_target, tmp_path_factory.mktemp("drafts") / "llava_random")
+
+
+@pytest.fixture(scope="session")
+def qwen_fitted_draft(qwen_target, tmp_path_factory):
+    """A draft fitted to the tiny Qwen2.5-VL's own greedy continuations, so that it is often right."""
+    from tests.fitting import fit_draft_on_own_outputs
+
+    return fit_draft_on_own_outputs(qwen_target, tmp_path_factory.mktemp("drafts") / "qwen_fitted")

@@ -9,7 +9,7 @@ from vllm_flash.modeling import VisualFrames, frames_from_token_ids
 from vllm_flash.proposer import FlashProposer
 from vllm_flash.tiny_targets import mixed_requests
 
-from .vllm_helpers import greedy, llm_session
+from .vllm_helpers import greedy, with_llm
 
 
 class Recorder:
@@ -63,18 +63,26 @@ def test_vllm_draft_logits_equal_reference(kind, request, tmp_path, monkeypatch)
     reference.attach_target_head(*load_target_head(target))
     facts = target_facts(load_target_config(target))
     recorder = Recorder(monkeypatch)
-    with llm_session(target, tmp_path / "draft", k=4, enable_prefix_caching=False) as llm:
-        for i, req in enumerate(mixed_requests(kind)):
+    requests = mixed_requests(kind)
+
+    def generate_each(llm):
+        outputs = []
+        for req in requests:
             recorder.steps.clear()
-            out = llm.generate([req], greedy(max_tokens=12))[0]
-            prompt = out.prompt_token_ids
-            videos = [2] if kind == "qwen2_5_vl" and "video" in str(req) else []  # 4 frames / temporal patch 2
-            starts, lengths = frames_from_token_ids(prompt, facts["image_token_id"], facts["video_token_id"], videos)
-            checked = 0
-            for next_ids, features, logits in recorder.sequences():
-                frames = VisualFrames(torch.tensor(starts), torch.tensor(lengths)) if starts else None
-                expected = reference.draft_logits(next_ids, features, frames, k=4)
-                torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4,
-                                           msg=lambda m: f"request {i}, pass {checked}: {m}")
-                checked += 1
-            assert checked >= 2, "expected a prefill pass and at least one decode pass"
+            outputs.append((llm.generate([req], greedy(max_tokens=12))[0], list(recorder.steps)))
+        return outputs
+
+    for i, (req, (out, steps)) in enumerate(zip(requests, with_llm(target, tmp_path / "draft", generate_each,
+                                                                   enable_prefix_caching=False))):
+        recorder.steps = steps
+        prompt = out.prompt_token_ids
+        videos = [2] if kind == "qwen2_5_vl" and "video" in str(req) else []  # 4 frames / temporal patch 2
+        starts, lengths = frames_from_token_ids(prompt, facts["image_token_id"], facts["video_token_id"], videos)
+        checked = 0
+        for next_ids, features, logits in recorder.sequences():
+            frames = VisualFrames(torch.tensor(starts), torch.tensor(lengths)) if starts else None
+            expected = reference.draft_logits(next_ids, features, frames, k=4)
+            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"request {i}, pass {checked}: {m}")
+            checked += 1
+        assert checked >= 2, "expected a prefill pass and at least one decode pass"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gc
-import contextlib
 
 from vllm import LLM, SamplingParams
 
@@ -15,11 +14,15 @@ def make_llm(target, draft=None, k=4, **kwargs) -> LLM:
     return LLM(model=str(target), speculative_config=spec, **options)
 
 
-@contextlib.contextmanager
-def llm_session(*args, **kwargs):
-    llm = make_llm(*args, **kwargs)
+def with_llm(target, draft, use, k=4, **kwargs):
+    """Build an engine, return `use(llm)`, and release the engine before returning.
+
+    Engines in one process share vLLM's global parallel state: an old engine that is collected after a new
+    one started tears the new one's state down. So no caller may keep a reference to an engine.
+    """
+    llm = make_llm(target, draft, k=k, **kwargs)
     try:
-        yield llm
+        return use(llm)
     finally:
         del llm
         gc.collect()

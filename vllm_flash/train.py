@@ -1,0 +1,116 @@
+"""Training a FLASH draft on a target's own features, top to bottom.
+
+A sample is one token sequence with the target's features at every position. The draft at position t reads
+(token t+1, feature t) and its K slots are trained against the features (and token distributions) at
+t+1..t+K. This module holds the core loop; the `vllm-flash train` command wraps it with data loading.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .modeling import FlashDraft, VisualFrames, flash_loss
+
+
+@dataclass
+class Sample:
+    token_ids: torch.Tensor  # (T,) the whole sequence
+    features: torch.Tensor  # (T, d) target features (the hidden states that feed the LM head)
+    frames: list[tuple[int, int]] = field(default_factory=list)  # (start, length) of images / frames
+    target_from: int = 1  # positions >= this are prediction targets (e.g. only the answer)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup: int = 20
+    grad_clip: float = 0.5
+    feature_noise: float = 0.1  # uniform noise on input features (EAGLE), relative to their std
+    ce_weight: float = 0.1
+    seed: int = 0
+
+
+def collate(samples: list[Sample]) -> dict:
+    """Right-padded batch; frames are flattened into the (B*T) token axis."""
+    t = max(len(s.token_ids) for s in samples)
+    b, d = len(samples), samples[0].features.shape[-1]
+    next_ids = torch.zeros(b, t, dtype=torch.long)
+    features = torch.zeros(b, t, d, dtype=samples[0].features.dtype)
+    target_mask = torch.zeros(b, t, dtype=torch.bool)
+    input_mask = torch.zeros(b, t, dtype=torch.bool)
+    starts, lengths = [], []
+    for row, s in enumerate(samples):
+        n = len(s.token_ids)
+        next_ids[row, : n - 1] = s.token_ids[1:]
+        features[row, :n] = s.features
+        target_mask[row, s.target_from:n] = True
+        input_mask[row, : n - 1] = True  # the last position has no next token
+        for start, length in s.frames:
+            input_mask[row, start:start + length] = False
+            target_mask[row, start:start + length] = False
+            starts.append(row * t + start)
+            lengths.append(length)
+    frames = VisualFrames(torch.tensor(starts, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)) \
+        if starts else None
+    return {"next_ids": next_ids, "features": features, "frames": frames, "target_mask": target_mask,
+            "input_mask": input_mask}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def fit(draft: FlashDraft, samples: list[Sample], cfg: TrainConfig,
+        on_step: Callable[[int, float, list[float]], None] | None = None) -> list[float]:
+    """Train `draft` in place; returns the loss of every step."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    losses = []
+    draft.train()
+    for step in range(cfg.steps):
+        batch = collate(rng.sample(samples, min(cfg.batch_size, len(samples))))
+        features = batch["features"]
+        noisy = features + (torch.rand_like(features) - 0.5) * 2 * cfg.feature_noise * features.std()
+        predicted = draft(batch["next_ids"], noisy, batch["frames"])
+        result = flash_loss(draft, predicted, features, batch["target_mask"], batch["input_mask"], cfg.ce_weight)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        result.loss.backward()
+        torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
+        opt.step()
+        losses.append(result.loss.item())
+        if on_step:
+            on_step(step, losses[-1], result.slot_accuracy)
+    draft.eval()
+    return losses
+
+
+@torch.no_grad()
+def hf_text_features(target_dir: str | Path, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """Target features (final-norm hidden states) for text-only token sequences, with HF transformers."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(str(target_dir))
+    model = AutoModelForImageTextToText.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    del config
+    out = []
+    for seq in sequences:
+        ids = torch.tensor([seq])
+        hidden = model.model(input_ids=ids, output_hidden_states=False).last_hidden_state
+        out.append(hidden[0].float())
+    return out
