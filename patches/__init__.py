@@ -34,20 +34,22 @@ def check_vllm_version() -> str:
 
 @dataclass
 class Patch:
-    target: str  # "module:Class"
-    attribute: str  # the attribute of that class that is replaced
+    target: str  # "module:Class", or "module" for a module-level function
+    attribute: str  # the attribute of that class (or module) that is replaced
     why: str
     make: Callable[[Any], Any]  # original -> replacement
     after: Callable[[type], None] | None = None  # e.g. rebuild a pydantic dataclass after the change
+    when: Callable[[], bool] | None = None  # applies only where this holds (e.g. on the CPU platform)
     original: Any = field(default=None, repr=False)
     applied: bool = False
 
-    def resolve(self) -> type:
-        module, cls = self.target.split(":")
-        return getattr(importlib.import_module(module), cls)
+    def resolve(self) -> Any:
+        module, _, cls = self.target.partition(":")
+        owner = importlib.import_module(module)
+        return getattr(owner, cls) if cls else owner
 
     def apply(self) -> None:
-        if self.applied:
+        if self.applied or (self.when is not None and not self.when()):
             return
         cls = self.resolve()
         if getattr(cls, f"__vllm_flash_patched_{self.attribute}", False):
@@ -85,7 +87,7 @@ def register(patch: Patch) -> Patch:
 
 def apply_all() -> list[Patch]:
     check_vllm_version()
-    from . import proposer, speculative_config, vllm_config  # noqa: F401  (each registers its patches)
+    from . import cpu_sampling, proposer, speculative_config, vllm_config  # noqa: F401  (they register)
 
     for patch in REGISTRY:
         patch.apply()
@@ -93,4 +95,5 @@ def apply_all() -> list[Patch]:
 
 
 def describe() -> str:
-    return "\n".join(f"{p.target}.{p.attribute}: {p.why}" for p in REGISTRY)
+    return "\n".join(f"{p.target}.{p.attribute}{'' if p.applied else ' (not applied here)'}: {p.why}"
+                     for p in REGISTRY)

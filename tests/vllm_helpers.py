@@ -6,12 +6,14 @@ import gc
 from vllm import LLM, SamplingParams
 
 
-def make_llm(target, draft=None, k=4, **kwargs) -> LLM:
-    spec = None if draft is None else {"method": "flash", "model": str(draft), "num_speculative_tokens": k}
+def make_llm(target, draft=None, k=4, speculative_overrides=None, **kwargs) -> LLM:
+    spec = None if draft is None else {"method": "flash", "model": str(draft), "num_speculative_tokens": k,
+                                       **(speculative_overrides or {})}
     options = dict(dtype="float32", enforce_eager=True, max_model_len=1024, seed=0, disable_log_stats=False,
                    limit_mm_per_prompt={"image": 2, "video": 1} if "qwen" in str(target) else {"image": 2})
     options.update(kwargs)
-    return LLM(model=str(target), speculative_config=spec, **options)
+    options.setdefault("speculative_config", spec)
+    return LLM(model=str(target), **options)
 
 
 def with_llm(target, draft, use, k=4, **kwargs):

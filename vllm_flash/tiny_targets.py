@@ -63,7 +63,7 @@ def _train_tokenizer(special: list[str], vocab_size: int, eos: str, bos: str | N
 
 
 def build_tiny_qwen2_5_vl(out_dir: str | Path, *, num_layers: int = 2, hidden: int = 128, seed: int = 0,
-                          vocab_size: int = 1024, image_size: int = 112) -> Path:
+                          vocab_size: int = 1024, image_size: int = 112, lm_head_scale: float = 12.0) -> Path:
     """A random Qwen2.5-VL: M-RoPE text model, 2x2-merged vision tokens. A `image_size`-pixel square image
     becomes (image_size/28)^2 visual tokens; each 2-frame temporal group of a video one frame of as many."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
@@ -94,6 +94,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, *, num_layers: int = 2, hidden: i
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    _sharpen_lm_head(model, lm_head_scale)
     model.save_pretrained(out, safe_serialization=True)
     pixels = image_size * image_size
     image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=pixels)
@@ -107,7 +108,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, *, num_layers: int = 2, hidden: i
 
 
 def build_tiny_llava(out_dir: str | Path, *, num_layers: int = 2, hidden: int = 128, seed: int = 0,
-                     vocab_size: int = 1024, image_size: int = 56) -> Path:
+                     vocab_size: int = 1024, image_size: int = 56, lm_head_scale: float = 12.0) -> Path:
     """A random LLaVA-1.5-style model: CLIP tower, MLP projector, Llama text model (1-D RoPE).
     An image becomes (image_size/14)^2 visual tokens."""
     from safetensors.torch import load_file, save_file
@@ -134,6 +135,7 @@ def build_tiny_llava(out_dir: str | Path, *, num_layers: int = 2, hidden: int = 
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(torch.float32)
+    _sharpen_lm_head(model, lm_head_scale)
     model.save_pretrained(out, safe_serialization=True)
     # vLLM expects the CLIP tower in the layout of real LLaVA-1.5 checkpoints (vision_model. prefix).
     for file in out.glob("*.safetensors"):
@@ -153,6 +155,13 @@ def build_tiny_llava(out_dir: str | Path, *, num_layers: int = 2, hidden: int = 
     tokenizer.save_pretrained(out)
     _write_generation_config(out, eos=ids["</s>"], pad=ids["<pad>"], bos=ids["<s>"])
     return out
+
+
+def _sharpen_lm_head(model, scale: float) -> None:
+    # A randomly initialised LM head gives almost uniform next-token distributions; a trained LM's are
+    # peaked. Scaling the head keeps greedy decoding as it is and makes sampling at temperature 1 look real.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
 
 
 def _write_generation_config(out: Path, eos: int, pad: int, bos: int | None = None) -> None:
