@@ -214,6 +214,16 @@ def chat_prompt(kind: str, text: str, images: int = 0, video: bool = False) -> s
     return "USER: " + "<image>\n" * images + f"{text} ASSISTANT:"
 
 
+def text_prompts(kind: str, n: int, seed: int = 0) -> list[str]:
+    """Short random-word chat prompts (the first is always "red circle")."""
+    import random
+
+    rng = random.Random(seed)
+    return [chat_prompt(kind, "red circle")] + [
+        chat_prompt(kind, " ".join(rng.choice(CORPUS_WORDS) for _ in range(rng.randint(3, 12))))
+        for _ in range(n - 1)]
+
+
 def mixed_requests(kind: str, seed: int = 0, image_size: int | None = None) -> list:
     """Text-only (short and long), 1-image, 2-image and (Qwen2.5-VL) video requests."""
     size = image_size or (112 if kind == "qwen2_5_vl" else 56)

@@ -114,3 +114,33 @@ def hf_text_features(target_dir: str | Path, sequences: list[list[int]]) -> list
         hidden = model.model(input_ids=ids, output_hidden_states=False).last_hidden_state
         out.append(hidden[0].float())
     return out
+
+
+def distill_text_draft(target_dir: str | Path, out_dir: str | Path, prompts: list[str], *, k: int = 4,
+                       num_latents: int = 4, max_tokens: int = 40, steps: int = 400, lr: float = 3e-3,
+                       seed: int = 0, llm_options: dict | None = None) -> Path:
+    """Self-distillation in miniature: vLLM generates the target's greedy answers to `prompts`, HF gives the
+    target's features over them, and a fresh draft is fitted to those. Text-only."""
+    import gc
+
+    from vllm import LLM, SamplingParams
+
+    from .checkpoint import init_draft_for_target, save_draft
+
+    options = dict(dtype="float32", enforce_eager=True, max_model_len=1024, seed=seed,
+                   enable_prefix_caching=False)
+    options.update(llm_options or {})
+    llm = LLM(model=str(target_dir), **options)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+    del llm
+    gc.collect()
+    sequences = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outputs]
+    features = hf_text_features(target_dir, sequences)
+    samples = [Sample(torch.tensor(seq), feat, target_from=len(o.prompt_token_ids))
+               for seq, feat, o in zip(sequences, features, outputs)]
+    torch.manual_seed(seed)
+    draft = init_draft_for_target(target_dir, num_speculative_tokens=k, num_latents=num_latents)
+    draft.config.training = {"method": "self-distillation (text)", "samples": len(samples), "steps": steps,
+                             "lr": lr, "max_tokens": max_tokens}
+    fit(draft, samples, TrainConfig(steps=steps, lr=lr, batch_size=8, warmup=10, feature_noise=0.0, seed=seed))
+    return save_draft(draft, out_dir)
