@@ -91,3 +91,18 @@ def test_init_cli_on_both_tiny_targets(any_target, tmp_path):
     # the target's embedding and LM head are shared, not copied into the draft
     vocab = draft.config.vocab_size
     assert all(vocab not in t.shape for t in draft.state_dict().values())
+
+
+def test_cli_shortcut_flags_build_a_flash_config(qwen_target, qwen_random_draft):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", str(qwen_target), "--spec-method", "flash", "--spec-model",
+                              str(qwen_random_draft), "--spec-tokens", "3", "--dtype", "float32",
+                              "--enforce-eager", "--max-model-len", "512"])
+    config = AsyncEngineArgs.from_cli_args(args).create_engine_config()
+    spec = config.speculative_config
+    assert (spec.method, spec.num_speculative_tokens, spec.parallel_drafting) == ("flash", 3, True)
+    assert spec.use_eagle() and spec.draft_model_config.hf_config.model_type == "flash_draft"
+    assert config.scheduler_config.disable_chunked_mm_input  # an image is never split across chunks
