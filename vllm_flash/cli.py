@@ -1,4 +1,4 @@
-"""`vllm-flash` command line: init, demo, patches (train/eval/bench come with later work)."""
+"""`vllm-flash` command line: init, train, eval, demo, patches."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,21 @@ def cmd_patches(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .evaluate import engine_env
+
+    engine_env()
+    from .trainer import run_train
+
+    return run_train(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import run_eval
+
+    return run_eval(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -50,6 +65,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fusion", choices=["gated", "linear"], default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("train", help="train a FLASH draft for a target on LLaVA-format JSONL data")
+    p.add_argument("--target", required=True)
+    p.add_argument("--data", required=True, help="JSONL rows with image/video and conversations")
+    p.add_argument("--out", required=True, help="draft directory (also holds features/, trainer/, train.log)")
+    p.add_argument("--image-root", default=None, help="folder image/video paths are relative to "
+                                                     "(default: the JSONL's folder)")
+    p.add_argument("--features", default=None, help="feature directory (default: OUT/features)")
+    p.add_argument("--regenerate", action="store_true", help="replace answers by the target's greedy answers")
+    p.add_argument("--regenerate-tokens", type=int, default=128)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--latents", type=int, default=36)
+    p.add_argument("--fusion", choices=["gated", "linear"], default="gated")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--steps", type=int, default=0, help="total steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=1000)
+    p.add_argument("--noise", type=float, default=0.1, help="uniform input-feature noise (x feature std)")
+    p.add_argument("--max-len", type=int, default=2048, help="longer samples are skipped and counted")
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/trainer")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="tau, acceptance per position and speed-up of a draft in vLLM")
+    p.add_argument("--target", required=True)
+    p.add_argument("--draft", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--image-root", default=None)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("patches", help="list the changes vllm-flash makes to vLLM")
     p.set_defaults(func=cmd_patches)

@@ -8,45 +8,14 @@ random, so its text is word salad; what the demo shows is the serving path and t
 from __future__ import annotations
 
 import gc
-import os
 import time
 from pathlib import Path
 
-
-def _engine_env() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("PYTHONHASHSEED", "0")
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    except ImportError:
-        pass
-
-
-def acceptance_summary(metrics: dict, k: int) -> dict:
-    drafts = metrics.get("num_drafts", 0) or 0
-    accepted = metrics.get("num_accepted_tokens", 0) or 0
-    per_pos = metrics.get("num_accepted_tokens_per_pos") or [0] * k
-    return {
-        "tau": 1 + accepted / drafts if drafts else float("nan"),  # tokens per verify step
-        "acceptance_rate": accepted / max(1, metrics.get("num_draft_tokens", 0) or 0),
-        "acceptance_per_position": [a / drafts if drafts else float("nan") for a in per_pos],
-    }
-
-
-def spec_metrics(llm) -> dict:
-    found = {}
-    for m in llm.get_metrics():
-        if m.name.startswith("vllm:spec_decode"):
-            found[m.name.removeprefix("vllm:spec_decode_")] = getattr(m, "values", None) or m.value
-    return found
+from .evaluate import acceptance_summary, engine_env, spec_metrics
 
 
 def run_demo(args) -> int:
-    _engine_env()
+    engine_env()
     from vllm import LLM, SamplingParams
 
     from .tiny_targets import build_tiny_target, chat_prompt, random_image, random_video, text_prompts

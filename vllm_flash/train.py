@@ -6,6 +6,7 @@ t+1..t+K. This module holds the core loop; the `vllm-flash train` command wraps 
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -72,19 +73,90 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def fit(draft: FlashDraft, samples: list[Sample], cfg: TrainConfig,
-        on_step: Callable[[int, float, list[float]], None] | None = None) -> list[float]:
-    """Train `draft` in place; returns the loss of every step."""
+def batch_indices(step: int, num_samples: int, batch_size: int, seed: int) -> list[int]:
+    """The samples of training step `step`: a fixed function of (step, seed), so a resumed run sees exactly
+    the batches an uninterrupted one would. Each epoch is a fresh permutation."""
+    start = step * batch_size
+    out = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, num_samples)
+        order = list(range(num_samples))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(order[offset])
+    return out
+
+
+def save_trainer_state(directory: Path, draft: FlashDraft, opt: torch.optim.Optimizer, step: int,
+                       losses: list[float], meta: dict) -> None:
+    """Weights, AdamW moments and progress, written atomically (safetensors and JSON, no pickle)."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import atomic_write
+
+    directory.mkdir(parents=True, exist_ok=True)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    moments = {}
+    for i, param in enumerate(params):
+        for name, value in opt.state.get(param, {}).items():
+            moments[f"{i}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    weights = {k: v.detach().cpu().contiguous() for k, v in draft.state_dict().items()}
+    atomic_write(directory / "weights.safetensors", lambda tmp: save_file(weights, tmp))
+    atomic_write(directory / "optimizer.safetensors", lambda tmp: save_file(moments, tmp))
+    state = {"step": step, "losses": losses, "meta": meta,
+             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]}
+    atomic_write(directory / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(state)))
+
+
+def load_trainer_state(directory: Path, draft: FlashDraft, opt: torch.optim.Optimizer, meta: dict
+                       ) -> tuple[int, list[float]]:
+    from safetensors.torch import load_file
+
+    state = json.loads((directory / "state.json").read_text())
+    for key in ("target", "draft_config"):
+        if state["meta"].get(key) != meta.get(key):
+            raise ValueError(f"--resume: the checkpoint in {directory} was made for {key}="
+                             f"{state['meta'].get(key)!r}, this run has {meta.get(key)!r}")
+    draft.load_state_dict(load_file(directory / "weights.safetensors"))
+    params = [p for p in draft.parameters() if p.requires_grad]
+    moments = load_file(directory / "optimizer.safetensors")
+    per_param: dict[int, dict] = {}
+    for key, value in moments.items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    opt.load_state_dict({"state": per_param,
+                         "param_groups": [{**g, "params": list(range(len(params)))} if i == 0 else g
+                                          for i, g in enumerate(state["param_groups"])]})
+    return state["step"], state["losses"]
+
+
+def fit(draft: FlashDraft, samples, cfg: TrainConfig,
+        on_step: Callable[[int, float, list[float]], None] | None = None,
+        checkpoint_dir: str | Path | None = None, save_every: int = 0, resume: bool = False,
+        meta: dict | None = None, progress: bool = False) -> list[float]:
+    """Train `draft` in place on `samples` (a list, or any sequence such as FeatureShards).
+
+    With `checkpoint_dir`, progress is saved every `save_every` steps and at the end; `resume=True` continues
+    from the last save to the same result as an uninterrupted run. Returns the loss of every step."""
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    losses = []
+    meta = meta or {}
+    checkpoint = Path(checkpoint_dir) if checkpoint_dir else None
+    start, losses = 0, []
+    if resume and checkpoint and (checkpoint / "state.json").exists():
+        start, losses = load_trainer_state(checkpoint, draft, opt, meta)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
     draft.train()
-    for step in range(cfg.steps):
-        batch = collate(rng.sample(samples, min(cfg.batch_size, len(samples))))
+    for step in range(start, cfg.steps):
+        batch = collate([samples[i] for i in batch_indices(step, len(samples), cfg.batch_size, cfg.seed)])
         features = batch["features"]
-        noisy = features + (torch.rand_like(features) - 0.5) * 2 * cfg.feature_noise * features.std()
+        noise_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        noise = (torch.rand(features.shape, generator=noise_rng) - 0.5) * 2 * cfg.feature_noise
+        noisy = features + noise * features.std()
         predicted = draft(batch["next_ids"], noisy, batch["frames"])
         result = flash_loss(draft, predicted, features, batch["target_mask"], batch["input_mask"], cfg.ce_weight)
         for group in opt.param_groups:
@@ -96,6 +168,15 @@ def fit(draft: FlashDraft, samples: list[Sample], cfg: TrainConfig,
         losses.append(result.loss.item())
         if on_step:
             on_step(step, losses[-1], result.slot_accuracy)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", acc="/".join(f"{a:.2f}" for a in result.slot_accuracy))
+        if checkpoint and save_every and (step + 1) % save_every == 0:
+            save_trainer_state(checkpoint, draft, opt, step + 1, losses, meta)
+    if checkpoint:
+        save_trainer_state(checkpoint, draft, opt, cfg.steps, losses, meta)
+    if bar is not None:
+        bar.close()
     draft.eval()
     return losses
 

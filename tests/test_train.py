@@ -1,0 +1,136 @@
+"""Training a FLASH draft: bad data accounting, features, resume, and the full train -> eval path in vLLM."""
+import json
+import math
+
+import pytest
+import torch
+
+from vllm_flash.checkpoint import init_draft_for_target, load_draft, save_draft
+from vllm_flash.data import FeatureShards
+from vllm_flash.modeling import FlashDraft
+from vllm_flash.config import FlashConfig
+from vllm_flash.trainer import extract_features
+from vllm_flash.train import Sample, TrainConfig, fit
+
+from .toy_data import BAD_ROWS, write_toy_dataset
+
+
+def test_bad_rows_are_counted_by_reason_and_good_rows_extracted(qwen_target, tmp_path):
+    data = write_toy_dataset(tmp_path / "data")
+    count, report = extract_features(qwen_target, data, tmp_path / "features", max_len=512, progress=False)
+    assert count == 12
+    assert dict(report.counts) == BAD_ROWS, report.summary()
+    shards = FeatureShards(tmp_path / "features")
+    assert len(shards) == 12
+    kinds = {len(shards[i].frames) for i in range(len(shards))}
+    assert kinds == {0, 1, 2}  # text; image; two images and video (2 temporal frames)
+    sample = shards[1]
+    assert sample.features.shape == (len(sample.token_ids), 128)
+    start, length = sample.frames[0]
+    assert length == 16 and int(sample.token_ids[start]) == FlashConfig.for_target(
+        __import__("vllm_flash.checkpoint", fromlist=["x"]).load_target_config(qwen_target)).image_token_id
+    assert 0 < sample.target_from < len(sample.token_ids)
+
+
+def synthetic_samples(n=10, t=20, d=64, vocab=97, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [Sample(torch.randint(vocab, (t,), generator=g), torch.randn(t, d, generator=g), [(3, 4)], 2)
+            for _ in range(n)]
+
+
+def small_draft():
+    torch.manual_seed(0)
+    config = FlashConfig(hidden_size=64, vocab_size=97, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=128, num_speculative_tokens=3, num_latents=2)
+    draft = FlashDraft(config)
+    g = torch.Generator().manual_seed(1)
+    draft.attach_target_head(torch.randn(97, 64, generator=g), torch.randn(97, 64, generator=g))
+    return draft
+
+
+class Crash(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    samples = synthetic_samples()
+    cfg = TrainConfig(steps=20, batch_size=4, lr=3e-3, warmup=3, seed=7)
+    whole = small_draft()
+    losses = fit(whole, samples, cfg)
+
+    crashed = small_draft()
+
+    def crash(step, loss, acc):
+        if step == 13:
+            raise Crash  # dies after step 13's update, 3 steps after the last save (every 5)
+
+    with pytest.raises(Crash):
+        fit(crashed, samples, cfg, on_step=crash, checkpoint_dir=tmp_path / "ckpt", save_every=5,
+            meta={"target": "t", "draft_config": {}})
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 10
+    resumed = small_draft()
+    resumed_losses = fit(resumed, samples, cfg, checkpoint_dir=tmp_path / "ckpt", save_every=5, resume=True,
+                         meta={"target": "t", "draft_config": {}})
+    assert resumed_losses == pytest.approx(losses, rel=1e-5)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="--resume: the checkpoint .* was made for target='t'"):
+        fit(small_draft(), samples, cfg, checkpoint_dir=tmp_path / "ckpt", resume=True,
+            meta={"target": "other", "draft_config": {}})
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path, qwen_target):
+    from vllm_flash.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit, match="cannot write to"):
+        main(["train", "--target", str(qwen_target), "--data", "missing.jsonl", "--out", str(blocker / "out")])
+
+
+def test_hf_features_agree_with_the_features_vllm_gives_the_draft(qwen_target, qwen_random_draft, monkeypatch):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vllm_flash.data import Encoded, hf_features
+    from vllm_flash.tiny_targets import chat_prompt, random_image
+
+    from .test_vllm_equivalence import Recorder
+    from .vllm_helpers import greedy, with_llm
+
+    recorder = Recorder(monkeypatch)
+    image = random_image(5, 112)
+    prompt = chat_prompt("qwen2_5_vl", "describe the picture", images=1)
+    out = with_llm(qwen_target, qwen_random_draft, lambda llm: llm.generate(
+        [{"prompt": prompt, "multi_modal_data": {"image": image}}], greedy(max_tokens=2))[0],
+        enable_prefix_caching=False)
+    prefill = recorder.steps[0]
+    processor = AutoProcessor.from_pretrained(str(qwen_target))
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == list(out.prompt_token_ids)
+    model = AutoModelForImageTextToText.from_pretrained(str(qwen_target), dtype=torch.float32).eval()
+    features = hf_features(model, Encoded("x", dict(inputs), inputs["input_ids"][0], 0, []))
+    torch.testing.assert_close(features, prefill["hidden"].float(), rtol=1e-3, atol=1e-3)
+
+
+def test_training_raises_tau_in_vllm_and_the_export_is_lossless(qwen_target, tmp_path):
+    from vllm_flash.cli import main
+    from vllm_flash.evaluate import compare, requests_from_data
+
+    data = write_toy_dataset(tmp_path / "data", n_good=16, with_bad=False, with_video=False)
+    out = tmp_path / "draft"
+    assert main(["train", "--target", str(qwen_target), "--data", str(data), "--out", str(out), "--regenerate",
+                 "--regenerate-tokens", "32", "--latents", "4", "--steps", "300", "--lr", "3e-3",
+                 "--warmup", "10", "--noise", "0", "--save-every", "100"]) == 0
+    trained = load_draft(out)
+    assert trained.config.training["samples"] == 16 and trained.config.training["regenerate"]
+    torch.manual_seed(0)
+    save_draft(init_draft_for_target(qwen_target, num_latents=4), tmp_path / "untrained")
+    requests, limits, _ = requests_from_data(str(qwen_target), str(data))
+    engine = {"limit_mm_per_prompt": limits}
+    before = compare(str(qwen_target), str(tmp_path / "untrained"), requests, 4, 32, engine)
+    after = compare(str(qwen_target), str(out), requests, 4, 32, engine)
+    assert after["identical_to_none"] and before["identical_to_none"]
+    assert after["tau"] >= before["tau"] + 0.8, (before["tau"], after["tau"])
+    assert math.isfinite(after["speedup_vs_none"])
+    log = (out / "train.log").read_text().splitlines()
+    assert len(log) == 300 and "slot_accuracy" in json.loads(log[-1])

@@ -1,0 +1,285 @@
+"""Training data: LLaVA-format JSONL -> the target's features, streamed to sharded safetensors.
+
+A row: {"id": ..., "image": "a.jpg" | ["a.jpg", "b.jpg"], "video": "frames_dir/" | "clip.mp4",
+        "conversations": [{"from": "human", "value": "<image>\\nWhat ..."}, {"from": "gpt", "value": "..."}]}
+Paths are relative to the image root (default: the JSONL's folder). `<image>` / `<video>` mark where the media
+go in a human turn (a row without markers gets its media before the first human text).
+
+Rows that cannot be used are counted by reason and reported; nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import collections
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import atomic_write
+from .modeling import frames_from_token_ids
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class BadRow(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Conversation:
+    row_id: str
+    messages: list[dict]  # chat-template messages with typed content parts
+    images: list[Any] = field(default_factory=list)  # PIL images
+    videos: list[Any] = field(default_factory=list)  # (T, H, W, 3) uint8 arrays
+    answers: list[str] = field(default_factory=list)
+    answer_token_ids: list[int] | None = None  # a regenerated answer, exactly as the target produced it
+
+
+@dataclass
+class BadDataReport:
+    counts: collections.Counter = field(default_factory=collections.Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, detail: str) -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(detail)
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no bad rows"
+        return "; ".join(f"{reason}: {n} (e.g. {self.examples[reason][0]})" for reason, n in
+                         sorted(self.counts.items()))
+
+
+def _load_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise BadRow("missing image", str(path))
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise BadRow("corrupt image", f"{path}: {err}") from None
+
+
+def _load_video(path: Path):
+    import numpy as np
+
+    if path.is_dir():
+        frames = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not frames:
+            raise BadRow("missing video", f"{path} has no frame images")
+        images = [_load_image(p) for p in frames]
+        size = images[0].size
+        return np.stack([np.asarray(img.resize(size)) for img in images])
+    if not path.is_file():
+        raise BadRow("missing video", str(path))
+    try:
+        import cv2
+    except ImportError:
+        raise BadRow("no video decoder", f"{path}: install opencv, or pass a folder of frames") from None
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    ok, frame = capture.read()
+    while ok:
+        frames.append(frame[:, :, ::-1])
+        ok, frame = capture.read()
+    if not frames:
+        raise BadRow("corrupt video", str(path))
+    return np.stack(frames)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def parse_row(line: str, root: Path, line_number: int) -> Conversation:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BadRow("malformed row", f"line {line_number}: {err.msg}") from None
+    if not isinstance(row, dict) or not isinstance(row.get("conversations"), list) or not row["conversations"]:
+        raise BadRow("malformed row", f"line {line_number}: no 'conversations' list")
+    row_id = str(row.get("id", line_number))
+    images = [_load_image(root / p) for p in _as_list(row.get("image"))]
+    videos = [_load_video(root / p) for p in _as_list(row.get("video"))]
+    turns = row["conversations"]
+    for turn in turns:
+        if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt", "user", "assistant") \
+                or not isinstance(turn.get("value"), str):
+            raise BadRow("malformed row", f"row {row_id}: a turn without from/value")
+    human_text = "".join(t["value"] for t in turns if t["from"] in ("human", "user"))
+    markers = (human_text.count("<image>"), human_text.count("<video>"))
+    if markers == (0, 0):
+        leading = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos)  # media go first
+    elif markers != (len(images), len(videos)):
+        raise BadRow("malformed row", f"row {row_id}: {len(images)} images / {len(videos)} videos but "
+                                      f"{markers[0]} <image> / {markers[1]} <video> markers")
+    else:
+        leading = []
+    messages, answers = [], []
+    for turn in turns:
+        if turn["from"] in ("gpt", "assistant"):
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["value"]}]})
+            answers.append(turn["value"])
+            continue
+        parts = [{"type": p} if p in ("image", "video") else {"type": "text", "text": p}
+                 for p in _split_markers(turn["value"])]
+        messages.append({"role": "user", "content": leading + parts})
+        leading = []
+    if not answers:
+        raise BadRow("malformed row", f"row {row_id}: no assistant turn")
+    return Conversation(row_id, messages, images, videos, answers)
+
+
+def _split_markers(text: str) -> list[str]:
+    out = []
+    for chunk in text.replace("<video>", "\x00video\x00").replace("<image>", "\x00image\x00").split("\x00"):
+        chunk = chunk.strip("\n") if chunk in ("image", "video") else chunk
+        if chunk.strip():
+            out.append(chunk if chunk in ("image", "video") else chunk.strip("\n"))
+    return out
+
+
+def read_conversations(path: str | Path, report: BadDataReport, image_root: str | Path | None = None
+                       ) -> Iterator[Conversation]:
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield parse_row(line, root, number)
+            except BadRow as bad:
+                report.add(bad.reason, bad.detail)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenising with the target's processor
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    row_id: str
+    inputs: dict  # processor outputs (input_ids, pixel values, grids)
+    token_ids: torch.Tensor
+    target_from: int
+    frames: list[tuple[int, int]]
+
+
+def encode(conv: Conversation, processor, facts: dict, max_len: int) -> Encoded:
+    first_answer = next(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
+    full_text = processor.apply_chat_template(conv.messages, tokenize=False)
+    prefix_text = processor.apply_chat_template(conv.messages[:first_answer], tokenize=False,
+                                                add_generation_prompt=True)
+    media = {}
+    if conv.images:
+        media["images"] = conv.images
+    if conv.videos:
+        media["videos"] = conv.videos
+    prefix = processor(text=[prefix_text], return_tensors="pt", **media)
+    prefix_ids = prefix["input_ids"][0]
+    if conv.answer_token_ids is not None:
+        # Keep the target's own tokens: decoding and re-tokenising its answer need not round-trip.
+        answer = torch.tensor(conv.answer_token_ids, dtype=prefix_ids.dtype)
+        inputs = {}
+        for key, value in prefix.items():
+            if isinstance(value, torch.Tensor) and value.shape == prefix["input_ids"].shape:
+                # per-token tensors (ids, masks, token types): the answer's tokens are plain text
+                tail = answer if key == "input_ids" else torch.full_like(answer, 1 if "mask" in key else 0)
+                value = torch.cat([value[0], tail.to(value.dtype)])[None]
+            inputs[key] = value
+    else:
+        inputs = processor(text=[full_text], return_tensors="pt", **media)
+    ids = inputs["input_ids"][0]
+    if len(ids) > max_len:
+        raise BadRow("too long", f"row {conv.row_id}: {len(ids)} tokens > {max_len}")
+    grids = inputs.get("video_grid_thw")
+    frames_per_video = [int(g[0]) for g in grids] if grids is not None else []
+    starts, lengths = frames_from_token_ids(ids, facts["image_token_id"], facts["video_token_id"], frames_per_video)
+    return Encoded(conv.row_id, dict(inputs), ids, len(prefix_ids), list(zip(starts, lengths)))
+
+
+@torch.no_grad()
+def hf_features(model, encoded: Encoded) -> torch.Tensor:
+    """The target's final-norm hidden states at every position (the features that feed the LM head)."""
+    inputs = {k: v for k, v in encoded.inputs.items() if isinstance(v, torch.Tensor)}
+    inputs.pop("attention_mask", None)
+    return model.model(**inputs).last_hidden_state[0].float()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Feature shards
+# ---------------------------------------------------------------------------------------------------------
+class ShardWriter:
+    """Streams samples into features-XXXXX.safetensors files of `per_shard` samples each."""
+
+    def __init__(self, out_dir: str | Path, per_shard: int = 256, dtype: torch.dtype = torch.float32) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.per_shard, self.dtype = per_shard, dtype
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.shards: list[str] = []
+
+    def add(self, token_ids: torch.Tensor, features: torch.Tensor, frames: list[tuple[int, int]],
+            target_from: int) -> None:
+        key = f"{self.count:08d}"
+        self.buffer[f"{key}.token_ids"] = token_ids.to(torch.int64).contiguous()
+        self.buffer[f"{key}.features"] = features.to(self.dtype).contiguous()
+        self.buffer[f"{key}.frames"] = torch.tensor(frames, dtype=torch.int64).reshape(-1, 2)
+        self.buffer[f"{key}.target_from"] = torch.tensor([target_from], dtype=torch.int64)
+        self.count += 1
+        if len(self.buffer) >= 4 * self.per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        name = f"features-{len(self.shards):05d}.safetensors"
+        tensors, self.buffer = self.buffer, {}
+        atomic_write(self.out / name, lambda tmp: save_file(tensors, tmp))
+        self.shards.append(name)
+
+    def close(self, meta: dict) -> None:
+        self.flush()
+        index = {"shards": self.shards, "num_samples": self.count, **meta}
+        atomic_write(self.out / "index.json", lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+
+
+class FeatureShards:
+    """Random access to the samples of a feature directory; tensors are read from disk on demand."""
+
+    def __init__(self, feature_dir: str | Path) -> None:
+        self.dir = Path(feature_dir)
+        self.index = json.loads((self.dir / "index.json").read_text())
+        self.keys: list[tuple[str, str]] = []
+        for shard in self.index["shards"]:
+            with safe_open(str(self.dir / shard), framework="pt") as f:
+                self.keys += sorted({(shard, k.split(".")[0]) for k in f.keys()})
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int):
+        from .train import Sample
+
+        shard, key = self.keys[i]
+        with safe_open(str(self.dir / shard), framework="pt") as f:
+            frames = f.get_tensor(f"{key}.frames")
+            return Sample(f.get_tensor(f"{key}.token_ids"), f.get_tensor(f"{key}.features").float(),
+                          [tuple(r) for r in frames.tolist()], int(f.get_tensor(f"{key}.target_from")[0]))

@@ -1,0 +1,156 @@
+"""`vllm-flash train`: data -> (optional self-distillation) -> target features -> FLASH draft -> export.
+
+    vllm-flash train --target TARGET_DIR --data train.jsonl --out DRAFT_DIR [--k 4 --latents C --epochs N]
+
+Everything lands in DRAFT_DIR: the exported draft (config.json + model.safetensors, loadable by vLLM as
+method 'flash'), features/ (sharded safetensors), trainer/ (resumable state), train.log (one JSON line per
+step). A killed run continues with --resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_target_config, load_target_head, save_draft
+from .config import FlashConfig, target_facts
+from .data import BadDataReport, BadRow, Conversation, FeatureShards, ShardWriter, encode, hf_features, \
+    read_conversations
+from .modeling import FlashDraft
+from .train import TrainConfig, fit
+
+MIN_FREE_BYTES = 256 * 2**20
+
+
+def preflight(out: Path) -> None:
+    """Fail before any work when the output cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise SystemExit(f"vllm-flash train: cannot write to {out}: {err}") from None
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise SystemExit(f"vllm-flash train: only {free / 2**20:.0f} MiB free under {out}; "
+                         f"need at least {MIN_FREE_BYTES / 2**20:.0f} MiB for features and checkpoints")
+
+
+def regenerate_answers(target: Path, conversations: list[Conversation], processor, max_tokens: int
+                       ) -> list[Conversation]:
+    """Replace each conversation's answer by the target's own greedy answer to its first question (batched
+    through vLLM)."""
+    import gc
+
+    from vllm import LLM, SamplingParams
+
+    requests = []
+    for conv in conversations:
+        first_answer = next(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
+        prompt = processor.apply_chat_template(conv.messages[:first_answer], tokenize=False,
+                                               add_generation_prompt=True)
+        media = {}
+        if conv.images:
+            media["image"] = conv.images
+        if conv.videos:
+            from .tiny_targets import video_input
+
+            media["video"] = [video_input(v) for v in conv.videos]
+        requests.append({"prompt": prompt, "multi_modal_data": media} if media else prompt)
+    llm = LLM(model=str(target), enforce_eager=True, seed=0, max_model_len=4096, enable_prefix_caching=False,
+              limit_mm_per_prompt={"image": max([len(c.images) for c in conversations] + [1]),
+                                   "video": max([len(c.videos) for c in conversations] + [1])})
+    outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    del llm
+    gc.collect()
+    regenerated = []
+    for conv, out in zip(conversations, outputs):
+        first_answer = next(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
+        answer = out.outputs[0].text
+        messages = conv.messages[:first_answer] + [{"role": "assistant",
+                                                    "content": [{"type": "text", "text": answer}]}]
+        regenerated.append(Conversation(conv.row_id, messages, conv.images, conv.videos, [answer],
+                                        answer_token_ids=list(out.outputs[0].token_ids)))
+    return regenerated
+
+
+def extract_features(target: Path, data: Path, feature_dir: Path, *, max_len: int = 2048,
+                     image_root: Path | None = None, regenerate: bool = False, regenerate_tokens: int = 128,
+                     progress: bool = True) -> tuple[int, BadDataReport]:
+    """Stream the target's features over the data set into `feature_dir`; returns (samples, bad-data report)."""
+    from tqdm import tqdm
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    report = BadDataReport()
+    processor = AutoProcessor.from_pretrained(str(target))
+    facts = target_facts(load_target_config(target))
+    conversations = list(read_conversations(data, report, image_root))
+    if regenerate and conversations:
+        conversations = regenerate_answers(target, conversations, processor, regenerate_tokens)
+    model = AutoModelForImageTextToText.from_pretrained(str(target), dtype=torch.float32).eval()
+    writer = ShardWriter(feature_dir)
+    for conv in tqdm(conversations, desc="features", disable=not progress, dynamic_ncols=True):
+        try:
+            encoded = encode(conv, processor, facts, max_len)
+        except BadRow as bad:
+            report.add(bad.reason, bad.detail)
+            continue
+        except (ValueError, RuntimeError) as err:  # e.g. the processor rejects an image's size
+            report.add("unprocessable", f"row {conv.row_id}: {err}")
+            continue
+        writer.add(encoded.token_ids, hf_features(model, encoded), encoded.frames, encoded.target_from)
+    writer.close({"target": str(target), "data": str(data), "bad_rows": dict(report.counts)})
+    return writer.count, report
+
+
+def run_train(args) -> int:
+    target, out = Path(args.target), Path(args.out)
+    preflight(out)
+    feature_dir = Path(args.features) if args.features else out / "features"
+    log_path = out / "train.log"
+    if args.resume and (feature_dir / "index.json").exists():
+        index = json.loads((feature_dir / "index.json").read_text())
+        print(f"resuming: reusing {index['num_samples']} samples of features in {feature_dir}")
+        bad_rows = index.get("bad_rows", {})
+    else:
+        count, report = extract_features(target, Path(args.data), feature_dir, max_len=args.max_len,
+                                         image_root=Path(args.image_root) if args.image_root else None,
+                                         regenerate=args.regenerate, regenerate_tokens=args.regenerate_tokens)
+        print(f"features: {count} samples; bad rows: {report.summary()}")
+        bad_rows = dict(report.counts)
+        if count == 0:
+            raise SystemExit("vllm-flash train: no usable samples in the data set")
+    samples = FeatureShards(feature_dir)
+    target_config = load_target_config(target)
+    config = FlashConfig.for_target(target_config, num_speculative_tokens=args.k, num_latents=args.latents,
+                                    fusion=args.fusion)
+    torch.manual_seed(args.seed)
+    draft = FlashDraft(config)
+    draft.attach_target_head(*load_target_head(target))
+    steps = args.steps or args.epochs * math.ceil(len(samples) / args.batch_size)
+    cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=min(args.warmup, steps // 10),
+                      feature_noise=args.noise, seed=args.seed)
+    meta = {"target": str(target.resolve()), "draft_config": config.to_diff_dict()}
+    meta["draft_config"].pop("training", None)
+    mode = "a" if args.resume else "w"
+    with open(log_path, mode) as log:
+        def on_step(step, loss, accuracy):
+            log.write(json.dumps({"step": step, "loss": round(loss, 6),
+                                  "slot_accuracy": [round(a, 4) for a in accuracy], "time": time.time()}) + "\n")
+            log.flush()
+
+        losses = fit(draft, samples, cfg, on_step=on_step, checkpoint_dir=out / "trainer",
+                     save_every=args.save_every, resume=args.resume, meta=meta, progress=True)
+    draft.config.training = {"data": str(args.data), "samples": len(samples), "bad_rows": bad_rows,
+                             "regenerate": bool(args.regenerate), "steps": steps, "batch_size": args.batch_size,
+                             "lr": args.lr, "seed": args.seed, "final_loss": losses[-1] if losses else None,
+                             "target": str(target.resolve())}
+    save_draft(draft, out)
+    print(f"exported FLASH draft to {out} (final loss {losses[-1]:.4f}); "
+          f"serve it with speculative_config={{'method': 'flash', 'model': '{out}'}}")
+    return 0
