@@ -134,3 +134,21 @@ def test_training_raises_tau_in_vllm_and_the_export_is_lossless(qwen_target, tmp
     assert math.isfinite(after["speedup_vs_none"])
     log = (out / "train.log").read_text().splitlines()
     assert len(log) == 300 and "slot_accuracy" in json.loads(log[-1])
+
+
+def test_torchrun_ddp_training_runs_on_two_cpu_workers(qwen_target, tmp_path):
+    import subprocess
+    import sys
+
+    data = write_toy_dataset(tmp_path / "data", n_good=6, with_bad=False, with_video=False)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "vllm_flash.cli", "train", "--target", str(qwen_target), "--data", str(data), "--out", str(out),
+           "--steps", "6", "--batch-size", "2", "--latents", "4", "--lr", "1e-3", "--warmup", "1",
+           "--save-every", "3"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len((out / "train.log").read_text().splitlines()) == 6
+    assert len((out / "train.rank1.log").read_text().splitlines()) == 6
+    draft = load_draft(out)
+    assert draft.config.training["steps"] == 6

@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=2048, help="longer samples are skipped and counted")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--resume", action="store_true", help="continue from OUT/trainer")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 autocasts the forward pass")
+    p.add_argument("--feature-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="how features are stored (bf16 halves the disk; use it for 7B targets)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 

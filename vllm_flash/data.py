@@ -217,9 +217,10 @@ def encode(conv: Conversation, processor, facts: dict, max_len: int) -> Encoded:
 @torch.no_grad()
 def hf_features(model, encoded: Encoded) -> torch.Tensor:
     """The target's final-norm hidden states at every position (the features that feed the LM head)."""
-    inputs = {k: v for k, v in encoded.inputs.items() if isinstance(v, torch.Tensor)}
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in encoded.inputs.items() if isinstance(v, torch.Tensor)}
     inputs.pop("attention_mask", None)
-    return model.model(**inputs).last_hidden_state[0].float()
+    return model.model(**inputs).last_hidden_state[0].float().cpu()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ class TrainConfig:
     feature_noise: float = 0.1  # uniform noise on input features (EAGLE), relative to their std
     ce_weight: float = 0.1
     seed: int = 0
+    bf16: bool = False  # autocast the forward pass to bfloat16
 
 
 def collate(samples: list[Sample]) -> dict:
@@ -145,20 +146,32 @@ def fit(draft: FlashDraft, samples, cfg: TrainConfig,
     start, losses = 0, []
     if resume and checkpoint and (checkpoint / "state.json").exists():
         start, losses = load_trainer_state(checkpoint, draft, opt, meta)
+    # Under torchrun every rank takes its slice of the same global batch; DDP averages the gradients.
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    model = torch.nn.parallel.DistributedDataParallel(draft, find_unused_parameters=True) if distributed \
+        else draft
+    device = next(draft.parameters()).device
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
     draft.train()
     for step in range(start, cfg.steps):
-        batch = collate([samples[i] for i in batch_indices(step, len(samples), cfg.batch_size, cfg.seed)])
+        indices = batch_indices(step, len(samples), cfg.batch_size * world, cfg.seed)[rank::world]
+        batch = collate([samples[i] for i in indices])
+        noise_rng = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * world + rank)
+        noise = (torch.rand(batch["features"].shape, generator=noise_rng) - 0.5) * 2 * cfg.feature_noise
+        noise = noise * batch["features"].std()
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        if batch["frames"] is not None:
+            batch["frames"] = VisualFrames(batch["frames"].starts.to(device), batch["frames"].lengths.to(device))
         features = batch["features"]
-        noise_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        noise = (torch.rand(features.shape, generator=noise_rng) - 0.5) * 2 * cfg.feature_noise
-        noisy = features + noise * features.std()
-        predicted = draft(batch["next_ids"], noisy, batch["frames"])
-        result = flash_loss(draft, predicted, features, batch["target_mask"], batch["input_mask"], cfg.ce_weight)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            predicted = model(batch["next_ids"], features + noise.to(device), batch["frames"])
+        result = flash_loss(draft, predicted.float(), features, batch["target_mask"], batch["input_mask"],
+                            cfg.ce_weight)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
@@ -171,9 +184,9 @@ def fit(draft: FlashDraft, samples, cfg: TrainConfig,
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", acc="/".join(f"{a:.2f}" for a in result.slot_accuracy))
-        if checkpoint and save_every and (step + 1) % save_every == 0:
+        if checkpoint and save_every and (step + 1) % save_every == 0 and rank == 0:
             save_trainer_state(checkpoint, draft, opt, step + 1, losses, meta)
-    if checkpoint:
+    if checkpoint and rank == 0:
         save_trainer_state(checkpoint, draft, opt, cfg.steps, losses, meta)
     if bar is not None:
         bar.close()

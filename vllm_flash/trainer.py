@@ -81,7 +81,8 @@ def regenerate_answers(target: Path, conversations: list[Conversation], processo
 
 def extract_features(target: Path, data: Path, feature_dir: Path, *, max_len: int = 2048,
                      image_root: Path | None = None, regenerate: bool = False, regenerate_tokens: int = 128,
-                     progress: bool = True) -> tuple[int, BadDataReport]:
+                     progress: bool = True, feature_dtype: torch.dtype = torch.float32
+                     ) -> tuple[int, BadDataReport]:
     """Stream the target's features over the data set into `feature_dir`; returns (samples, bad-data report)."""
     from tqdm import tqdm
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -92,8 +93,11 @@ def extract_features(target: Path, data: Path, feature_dir: Path, *, max_len: in
     conversations = list(read_conversations(data, report, image_root))
     if regenerate and conversations:
         conversations = regenerate_answers(target, conversations, processor, regenerate_tokens)
-    model = AutoModelForImageTextToText.from_pretrained(str(target), dtype=torch.float32).eval()
-    writer = ShardWriter(feature_dir)
+    # On a GPU the target runs in bf16 (as it is served); on CPU in fp32.
+    gpu = torch.cuda.is_available()
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(target), dtype=torch.bfloat16 if gpu else torch.float32).eval().to("cuda" if gpu else "cpu")
+    writer = ShardWriter(feature_dir, dtype=feature_dtype)
     for conv in tqdm(conversations, desc="features", disable=not progress, dynamic_ncols=True):
         try:
             encoded = encode(conv, processor, facts, max_len)
@@ -108,23 +112,47 @@ def extract_features(target: Path, data: Path, feature_dir: Path, *, max_len: in
     return writer.count, report
 
 
+def _init_distributed() -> tuple[int, int, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (NCCL), or per CPU worker (gloo)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.distributed.get_rank(), world, device
+
+
 def run_train(args) -> int:
     target, out = Path(args.target), Path(args.out)
     preflight(out)
+    rank, world, device = _init_distributed()
     feature_dir = Path(args.features) if args.features else out / "features"
-    log_path = out / "train.log"
-    if args.resume and (feature_dir / "index.json").exists():
+    log_path = out / (f"train.rank{rank}.log" if rank else "train.log")
+    if rank != 0:  # rank 0 extracts the features; the others wait for them
+        torch.distributed.barrier()
+        index = json.loads((feature_dir / "index.json").read_text())
+        bad_rows = index.get("bad_rows", {})
+    elif args.resume and (feature_dir / "index.json").exists():
         index = json.loads((feature_dir / "index.json").read_text())
         print(f"resuming: reusing {index['num_samples']} samples of features in {feature_dir}")
         bad_rows = index.get("bad_rows", {})
     else:
         count, report = extract_features(target, Path(args.data), feature_dir, max_len=args.max_len,
                                          image_root=Path(args.image_root) if args.image_root else None,
-                                         regenerate=args.regenerate, regenerate_tokens=args.regenerate_tokens)
+                                         regenerate=args.regenerate, regenerate_tokens=args.regenerate_tokens,
+                                         feature_dtype=torch.bfloat16 if args.feature_dtype == "bf16"
+                                         else torch.float32)
         print(f"features: {count} samples; bad rows: {report.summary()}")
         bad_rows = dict(report.counts)
         if count == 0:
             raise SystemExit("vllm-flash train: no usable samples in the data set")
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
     samples = FeatureShards(feature_dir)
     target_config = load_target_config(target)
     config = FlashConfig.for_target(target_config, num_speculative_tokens=args.k, num_latents=args.latents,
@@ -132,9 +160,10 @@ def run_train(args) -> int:
     torch.manual_seed(args.seed)
     draft = FlashDraft(config)
     draft.attach_target_head(*load_target_head(target))
+    draft.to(device)
     steps = args.steps or args.epochs * math.ceil(len(samples) / args.batch_size)
     cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=min(args.warmup, steps // 10),
-                      feature_noise=args.noise, seed=args.seed)
+                      feature_noise=args.noise, seed=args.seed, bf16=args.dtype == "bf16")
     meta = {"target": str(target.resolve()), "draft_config": config.to_diff_dict()}
     meta["draft_config"].pop("training", None)
     mode = "a" if args.resume else "w"
@@ -146,11 +175,16 @@ def run_train(args) -> int:
 
         losses = fit(draft, samples, cfg, on_step=on_step, checkpoint_dir=out / "trainer",
                      save_every=args.save_every, resume=args.resume, meta=meta, progress=True)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return 0
     draft.config.training = {"data": str(args.data), "samples": len(samples), "bad_rows": bad_rows,
                              "regenerate": bool(args.regenerate), "steps": steps, "batch_size": args.batch_size,
                              "lr": args.lr, "seed": args.seed, "final_loss": losses[-1] if losses else None,
                              "target": str(target.resolve())}
-    save_draft(draft, out)
+    save_draft(draft.to("cpu"), out)
     print(f"exported FLASH draft to {out} (final loss {losses[-1]:.4f}); "
           f"serve it with speculative_config={{'method': 'flash', 'model': '{out}'}}")
     return 0
