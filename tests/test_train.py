@@ -152,3 +152,15 @@ def test_torchrun_ddp_training_runs_on_two_cpu_workers(qwen_target, tmp_path):
     assert len((out / "train.rank1.log").read_text().splitlines()) == 6
     draft = load_draft(out)
     assert draft.config.training["steps"] == 6
+
+
+def test_full_disk_fails_before_any_work(tmp_path, qwen_target, monkeypatch):
+    import collections
+    import shutil
+
+    from vllm_flash.cli import main
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    with pytest.raises(SystemExit, match="only 1 MiB free under"):
+        main(["train", "--target", str(qwen_target), "--data", "missing.jsonl", "--out", str(tmp_path / "o")])
