@@ -1,72 +1,28 @@
 """`vllm serve` with FLASH over HTTP on 127.0.0.1, and bad drafts / bad requests."""
 import base64
-import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import requests
 import torch
 
 from vllm_flash.checkpoint import init_draft_for_target, save_draft
-from vllm_flash.tiny_targets import random_image
+from vllm_flash.loadgen import Server, png_data_url
 
 from .vllm_helpers import make_llm
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(qwen_target, qwen_random_draft, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "serve.log"
     spec = json.dumps({"method": "flash", "model": str(qwen_random_draft), "num_speculative_tokens": 3})
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(qwen_target), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
-           "--speculative-config", spec, "--limit-mm-per-prompt", '{"image": 2}']
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"vllm serve exited early:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"vllm serve did not become healthy:\n{log.read_text()[-3000:]}")
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with Server(str(qwen_target), ["--speculative-config", spec],
+                tmp_path_factory.mktemp("server") / "serve.log") as running:
+        yield running.base
 
 
 def image_message(data_url: str, text: str = "describe the picture") -> list:
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
                                          {"type": "text", "text": text}]}]
-
-
-def png_data_url(seed: int) -> str:
-    buf = io.BytesIO()
-    random_image(seed, 112).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def chat(base, messages, max_tokens=16):

@@ -5,6 +5,8 @@ import gc
 
 from vllm import LLM, SamplingParams
 
+from vllm_flash.evaluate import spec_metrics  # noqa: F401  (re-exported for the tests)
+
 
 def make_llm(target, draft=None, k=4, speculative_overrides=None, **kwargs) -> LLM:
     spec = None if draft is None else {"method": "flash", "model": str(draft), "num_speculative_tokens": k,
@@ -36,11 +38,3 @@ def greedy(max_tokens=24, **kw) -> SamplingParams:
 
 def token_ids(outputs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
-
-
-def spec_metrics(llm: LLM) -> dict:
-    found = {}
-    for m in llm.get_metrics():
-        if m.name.startswith("vllm:spec_decode"):
-            found[m.name.removeprefix("vllm:spec_decode_")] = getattr(m, "values", None) or m.value
-    return found

@@ -169,6 +169,25 @@ def read_conversations(path: str | Path, report: BadDataReport, image_root: str 
                 report.add(bad.reason, bad.detail)
 
 
+def first_question(conv: Conversation, processor) -> str:
+    """The chat prompt up to the first answer, ready for generation."""
+    first_answer = next(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
+    return processor.apply_chat_template(conv.messages[:first_answer], tokenize=False, add_generation_prompt=True)
+
+
+def vllm_request(conv: Conversation, processor):
+    """The vLLM request (prompt + multimodal data) that asks the target the conversation's first question."""
+    from .tiny_targets import video_input
+
+    prompt = first_question(conv, processor)
+    media = {}
+    if conv.images:
+        media["image"] = conv.images
+    if conv.videos:
+        media["video"] = [video_input(v) for v in conv.videos]
+    return {"prompt": prompt, "multi_modal_data": media} if media else prompt
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tokenising with the target's processor
 # ---------------------------------------------------------------------------------------------------------
@@ -182,10 +201,8 @@ class Encoded:
 
 
 def encode(conv: Conversation, processor, facts: dict, max_len: int) -> Encoded:
-    first_answer = next(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
     full_text = processor.apply_chat_template(conv.messages, tokenize=False)
-    prefix_text = processor.apply_chat_template(conv.messages[:first_answer], tokenize=False,
-                                                add_generation_prompt=True)
+    prefix_text = first_question(conv, processor)
     media = {}
     if conv.images:
         media["images"] = conv.images

@@ -83,24 +83,14 @@ def compare(target: str, draft: str, requests: list, k: int, max_tokens: int, en
 def requests_from_data(target: str, data: str, image_root: str | None = None) -> tuple[list, dict, dict]:
     from transformers import AutoProcessor
 
-    from .data import BadDataReport, read_conversations
-    from .tiny_targets import video_input
+    from .data import BadDataReport, read_conversations, vllm_request
 
     processor = AutoProcessor.from_pretrained(target)
     report = BadDataReport()
     requests, limits = [], {"image": 1, "video": 1}
     for conv in read_conversations(data, report, image_root):
-        first_answer = next(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
-        prompt = processor.apply_chat_template(conv.messages[:first_answer], tokenize=False,
-                                               add_generation_prompt=True)
-        media = {}
-        if conv.images:
-            media["image"] = conv.images
-            limits["image"] = max(limits["image"], len(conv.images))
-        if conv.videos:
-            media["video"] = [video_input(v) for v in conv.videos]
-            limits["video"] = max(limits["video"], len(conv.videos))
-        requests.append({"prompt": prompt, "multi_modal_data": media} if media else prompt)
+        requests.append(vllm_request(conv, processor))
+        limits = {"image": max(limits["image"], len(conv.images)), "video": max(limits["video"], len(conv.videos))}
     return requests, limits, dict(report.counts)
 
 

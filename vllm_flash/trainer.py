@@ -19,7 +19,7 @@ import torch
 from .checkpoint import load_target_config, load_target_head, save_draft
 from .config import FlashConfig, target_facts
 from .data import BadDataReport, BadRow, Conversation, FeatureShards, ShardWriter, encode, hf_features, \
-    read_conversations
+    read_conversations, vllm_request
 from .modeling import FlashDraft
 from .train import TrainConfig, fit
 
@@ -49,19 +49,7 @@ def regenerate_answers(target: Path, conversations: list[Conversation], processo
 
     from vllm import LLM, SamplingParams
 
-    requests = []
-    for conv in conversations:
-        first_answer = next(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
-        prompt = processor.apply_chat_template(conv.messages[:first_answer], tokenize=False,
-                                               add_generation_prompt=True)
-        media = {}
-        if conv.images:
-            media["image"] = conv.images
-        if conv.videos:
-            from .tiny_targets import video_input
-
-            media["video"] = [video_input(v) for v in conv.videos]
-        requests.append({"prompt": prompt, "multi_modal_data": media} if media else prompt)
+    requests = [vllm_request(conv, processor) for conv in conversations]
     llm = LLM(model=str(target), enforce_eager=True, seed=0, max_model_len=4096, enable_prefix_caching=False,
               limit_mm_per_prompt={"image": max([len(c.images) for c in conversations] + [1]),
                                    "video": max([len(c.videos) for c in conversations] + [1])})
