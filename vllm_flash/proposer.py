@@ -89,8 +89,7 @@ class FlashProposer(EagleProposer):
         if not any(state is not None and state.mm_features for state in states):
             return None
         query_start = cad.query_start_loc_cpu.tolist()
-        seq_lens = (cad.seq_lens_cpu_upper_bound if cad.seq_lens_cpu_upper_bound is not None
-                    else cad.seq_lens.cpu()).tolist()
+        seq_lens = cad.seq_lens.cpu().tolist()  # exact chunk bounds (a device sync, only with images in batch)
         extra = self.net_num_new_slots_per_request
         starts, lengths = [], []
         for r, state in enumerate(states):
