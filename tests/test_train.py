@@ -164,3 +164,26 @@ def test_full_disk_fails_before_any_work(tmp_path, qwen_target, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
     with pytest.raises(SystemExit, match="only 1 MiB free under"):
         main(["train", "--target", str(qwen_target), "--data", "missing.jsonl", "--out", str(tmp_path / "o")])
+
+
+def test_video_file_rows_decode_like_frame_folders(tmp_path):
+    import cv2
+    import numpy as np
+
+    from vllm_flash.data import BadDataReport, read_conversations
+
+    frames = (np.random.RandomState(0).rand(4, 56, 56, 3) * 255).astype("uint8")
+    writer = cv2.VideoWriter(str(tmp_path / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 1.0, (56, 56))
+    for frame in frames:
+        writer.write(frame[:, :, ::-1])
+    writer.release()
+    (tmp_path / "broken.mp4").write_bytes(b"\x00" * 64)
+    rows = [{"id": "v", "video": "clip.avi", "conversations": [{"from": "human", "value": "<video>\nwhat"},
+                                                               {"from": "gpt", "value": "a"}]},
+            {"id": "b", "video": "broken.mp4", "conversations": [{"from": "human", "value": "<video>\nwhat"},
+                                                                 {"from": "gpt", "value": "a"}]}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    report = BadDataReport()
+    convs = list(read_conversations(tmp_path / "d.jsonl", report))
+    assert [c.row_id for c in convs] == ["v"] and convs[0].videos[0].shape == (4, 56, 56, 3)
+    assert dict(report.counts) == {"corrupt video": 1}
