@@ -1,0 +1,52 @@
+"""The toy multimodal world: deterministic, structured, readable by the training pipeline."""
+import hashlib
+import json
+
+import pytest
+
+from vllm_flash.data import BadDataReport, read_conversations
+from vllm_flash.world import COLORS, TASKS, example, render, sample_scene, write_split
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_examples_are_deterministic_and_long_enough(task):
+    words = []
+    for seed in range(40):
+        a, b = example(task, seed), example(task, seed)
+        assert a == b
+        words.append(len(a["answer"].split()))
+    assert example(task, 0) != example(task, 1)
+    if task != "visual_qa":  # captions: 30-120 words, as the benchmark needs
+        assert min(words) >= 15 and max(words) <= 120 and sum(words) / len(words) >= 30, words
+
+
+def test_rendered_pixels_match_the_scene():
+    import random
+
+    scene = sample_scene(random.Random(3), 4)
+    img = render(scene, 120)
+    for o in scene:
+        centre = (int((o.col + 0.5) * 40), int((o.row + 0.5) * 40) + (4 if o.shape == "triangle" else 0))
+        assert img.getpixel(centre) == COLORS[o.color], o
+
+
+def test_video_frames_change_and_splits_are_disjoint(tmp_path):
+    clip = example("video_caption", 5)
+    assert 4 <= len(clip["scenes"]) <= 8 and clip["scenes"][0] != clip["scenes"][-1]
+    train = write_split(tmp_path, "image_caption", "train", 5)
+    held = write_split(tmp_path, "image_caption", "heldout", 5)
+    digest = lambda p: {hashlib.sha1(json.loads(l)["conversations"][1]["value"].encode()).hexdigest()  # noqa: E731
+                        for l in p.read_text().splitlines()}
+    assert not digest(train) & digest(held)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_written_split_reads_through_the_training_pipeline(task, tmp_path):
+    path = write_split(tmp_path, task, "train", 4)
+    report = BadDataReport()
+    conversations = list(read_conversations(path, report))
+    assert len(conversations) == 4 and not report.counts
+    if task == "video_caption":
+        assert all(c.videos and 4 <= len(c.videos[0]) <= 8 for c in conversations)
+    else:
+        assert all(len(c.images) == 1 for c in conversations)

@@ -1,0 +1,203 @@
+"""A small multimodal world with real structure, for training a toy target LMM and benchmarking drafts.
+
+Three seeded, deterministic tasks over scenes of coloured shapes on a 3x3 grid:
+- image captioning: which objects there are, where, and how they relate;
+- visual question answering about a scene;
+- video captioning: 4-8 frames in which objects move, appear and disappear.
+Objects co-occur (stars are mostly yellow, large objects sit low, circles come in pairs more often), so a
+good model can predict several words at once. `write_split` writes LLaVA-format JSONL with the images /
+frame folders next to it, which `vllm-flash train` and `vllm-flash eval` read directly.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
+          "purple": (150, 60, 190), "orange": (240, 140, 30)}
+SHAPES = ("circle", "square", "triangle", "star")
+ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
+TASKS = ("image_caption", "visual_qa", "video_caption")
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    color: str
+    size: str  # "small" | "large"
+    row: int
+    col: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.size} {self.color} {self.shape}"
+
+    @property
+    def place(self) -> str:
+        return "the middle" if (self.row, self.col) == (1, 1) else f"the {ROWS[self.row]} {COLS[self.col]}"
+
+
+def sample_scene(rng: random.Random, n: int | None = None) -> list[Obj]:
+    n = n or rng.choice([2, 3, 3, 4, 5])
+    cells = rng.sample([(r, c) for r in range(3) for c in range(3)], n)
+    objects = []
+    for row, col in cells:
+        if objects and rng.random() < 0.3:  # pairs: repeat the previous shape in another colour
+            shape = objects[-1].shape
+        else:
+            shape = rng.choice(SHAPES)
+        color = "yellow" if shape == "star" and rng.random() < 0.7 else rng.choice(list(COLORS))
+        size = "large" if row == 2 and rng.random() < 0.7 else rng.choice(["small", "large"])
+        objects.append(Obj(shape, color, size, row, col))
+    return sorted(objects, key=lambda o: (o.row, o.col))
+
+
+def render(objects: list[Obj], size: int = 112):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), (245, 245, 240))
+    draw = ImageDraw.Draw(img)
+    cell = size / 3
+    for o in objects:
+        cx, cy = (o.col + 0.5) * cell, (o.row + 0.5) * cell
+        r = cell * (0.42 if o.size == "large" else 0.24)
+        fill = COLORS[o.color]
+        if o.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o.shape == "square":
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        else:
+            draw.regular_polygon((cx, cy, r), 5, fill=fill)
+    return img
+
+
+def _relation(a: Obj, b: Obj) -> str | None:
+    if a.row == b.row and abs(a.col - b.col) == 1:
+        return "to the left of" if a.col < b.col else "to the right of"
+    if a.col == b.col and abs(a.row - b.row) == 1:
+        return "above" if a.row < b.row else "below"
+    return None
+
+
+def caption(objects: list[Obj]) -> str:
+    n = len(objects)
+    parts = [f"The picture shows {NUMBERS[n]} objects on a light background."]
+    for o in objects:
+        parts.append(f"A {o.name} is in {o.place}.")
+    for i, a in enumerate(objects):
+        for b in objects[i + 1:]:
+            rel = _relation(a, b)
+            if rel:
+                parts.append(f"The {a.color} {a.shape} is {rel} the {b.color} {b.shape}.")
+    colors = sorted({o.color for o in objects})
+    parts.append(f"The colors are {', '.join(colors[:-1]) + ' and ' + colors[-1] if len(colors) > 1 else colors[0]}.")
+    return " ".join(parts)
+
+
+def question(rng: random.Random, objects: list[Obj]) -> tuple[str, str]:
+    o = rng.choice(objects)
+    kind = rng.choice(["count", "color", "where", "shape_count"])
+    if kind == "count":
+        return "How many objects are in the picture?", (
+            f"There are {NUMBERS[len(objects)]} objects in the picture: "
+            + ", ".join(f"a {x.name}" for x in objects) + ".")
+    if kind == "color":
+        return f"What color is the {o.shape} in {o.place}?", f"The {o.shape} in {o.place} is {o.color}. It is {o.size}."
+    if kind == "where":
+        return f"Where is the {o.color} {o.shape}?", f"The {o.color} {o.shape} is in {o.place}. It is {o.size}."
+    same = [x for x in objects if x.shape == o.shape]
+    return f"How many {o.shape}s are there?", (
+        f"There {'is' if len(same) == 1 else 'are'} {NUMBERS[len(same)]} {o.shape}{'' if len(same) == 1 else 's'}: "
+        + ", ".join(f"a {x.color} one in {x.place}" for x in same) + ".")
+
+
+def sample_clip(rng: random.Random) -> tuple[list[list[Obj]], str]:
+    """4-8 frames; each step one object moves one cell, appears, or disappears. Returns frames and caption."""
+    frames = [sample_scene(rng, rng.choice([2, 3]))]
+    events = []
+    for t in range(1, rng.randint(4, 8)):
+        scene = list(frames[-1])
+        used = {(o.row, o.col) for o in scene}
+        free = [(r, c) for r in range(3) for c in range(3) if (r, c) not in used]
+        action = rng.choice(["move", "move", "appear", "disappear"])
+        if action == "disappear" and len(scene) > 1:
+            gone = rng.choice(scene)
+            scene.remove(gone)
+            events.append(f"In frame {NUMBERS[t + 1] if t + 1 < len(NUMBERS) else t + 1} the {gone.color} "
+                          f"{gone.shape} disappears.")
+        elif action == "appear" and free:
+            row, col = rng.choice(free)
+            new = sample_scene(rng, 1)[0]
+            new = Obj(new.shape, new.color, new.size, row, col)
+            scene.append(new)
+            events.append(f"Then a {new.name} appears in {new.place}.")
+        else:
+            o = rng.choice(scene)
+            moves = [(o.row + dr, o.col + dc, name) for dr, dc, name in
+                     ((0, 1, "right"), (0, -1, "left"), (1, 0, "down"), (-1, 0, "up"))
+                     if 0 <= o.row + dr < 3 and 0 <= o.col + dc < 3 and (o.row + dr, o.col + dc) not in used]
+            if moves:
+                row, col, name = rng.choice(moves)
+                moved = Obj(o.shape, o.color, o.size, row, col)
+                scene[scene.index(o)] = moved
+                events.append(f"The {o.color} {o.shape} moves {name} to {moved.place}.")
+            else:
+                events.append(f"The {o.color} {o.shape} stays in {o.place}.")
+        frames.append(sorted(scene, key=lambda x: (x.row, x.col)))
+    start = frames[0]
+    text = (f"The video has {NUMBERS[len(frames)] if len(frames) < len(NUMBERS) else len(frames)} frames. "
+            f"At the start there is " + ", ".join(f"a {o.name} in {o.place}" for o in start) + ". "
+            + " ".join(events) + f" At the end there {'is' if len(frames[-1]) == 1 else 'are'} "
+            f"{NUMBERS[len(frames[-1])]} objects.")
+    return frames, text
+
+
+def example(task: str, seed: int) -> dict:
+    """One example as plain data: {"task", "question", "answer", "scenes": [objects per image/frame]}."""
+    rng = random.Random(f"{task}:{seed}")
+    if task == "image_caption":
+        scene = sample_scene(rng)
+        return {"task": task, "question": "Describe the picture.", "answer": caption(scene), "scenes": [scene]}
+    if task == "visual_qa":
+        scene = sample_scene(rng)
+        q, a = question(rng, scene)
+        return {"task": task, "question": q, "answer": a, "scenes": [scene]}
+    if task == "video_caption":
+        frames, text = sample_clip(rng)
+        return {"task": task, "question": "Describe what happens in the video.", "answer": text, "scenes": frames}
+    raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+
+
+SPLIT_SEEDS = {"train": 0, "heldout": 1_000_000}  # disjoint seed ranges
+
+
+def write_split(out_dir: str | Path, task: str, split: str, n: int, image_size: int = 112) -> Path:
+    """LLaVA-format JSONL (+ images or frame folders) for `n` examples of one task and split."""
+    out = Path(out_dir)
+    media = out / f"{task}-{split}"
+    media.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        ex = example(task, SPLIT_SEEDS[split] + i)
+        row = {"id": f"{task}-{split}-{i}", "conversations": [
+            {"from": "human", "value": ("<video>\n" if task == "video_caption" else "<image>\n") + ex["question"]},
+            {"from": "gpt", "value": ex["answer"]}]}
+        if task == "video_caption":
+            folder = media / f"{i:06d}"
+            folder.mkdir(exist_ok=True)
+            for f, scene in enumerate(ex["scenes"]):
+                render(scene, image_size).save(folder / f"{f:03d}.png")
+            row["video"] = str(folder.relative_to(out))
+        else:
+            name = media / f"{i:06d}.png"
+            render(ex["scenes"][0], image_size).save(name)
+            row["image"] = str(name.relative_to(out))
+        rows.append(json.dumps(row))
+    path = out / f"{task}-{split}.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
