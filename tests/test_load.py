@@ -4,6 +4,7 @@ greedy outputs equal plain vLLM's; nothing crashes or hangs; memory returns to i
 import json
 import time
 
+import requests
 from transformers import AutoTokenizer
 
 from vllm_flash.loadgen import Server, request_mix, run_load
@@ -23,8 +24,8 @@ def test_300_concurrent_requests_lossless_and_stable(qwen_target, qwen_fitted_dr
         flash = run_load(server.base, specs)
         time.sleep(3)
         after = server.memory_bytes()
-        health = __import__("requests").get(f"{server.base}/health", timeout=10).status_code
-        metrics = __import__("requests").get(f"{server.base}/metrics", timeout=10).text
+        health = requests.get(f"{server.base}/health", timeout=10).status_code
+        metrics = requests.get(f"{server.base}/metrics", timeout=10).text
     summary = flash["summary"]
     (tmp_path / "load.json").write_text(json.dumps({"plain": plain["summary"], "flash": summary}, indent=2))
     assert health == 200

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vllm_flash.checkpoint import init_draft_for_target, load_draft, save_draft
+from vllm_flash.checkpoint import init_draft_for_target, load_draft, load_target_config, save_draft
 from vllm_flash.data import FeatureShards
 from vllm_flash.modeling import FlashDraft
 from vllm_flash.config import FlashConfig
@@ -27,8 +27,7 @@ def test_bad_rows_are_counted_by_reason_and_good_rows_extracted(qwen_target, tmp
     sample = shards[1]
     assert sample.features.shape == (len(sample.token_ids), 128)
     start, length = sample.frames[0]
-    assert length == 16 and int(sample.token_ids[start]) == FlashConfig.for_target(
-        __import__("vllm_flash.checkpoint", fromlist=["x"]).load_target_config(qwen_target)).image_token_id
+    assert length == 16 and int(sample.token_ids[start]) == load_target_config(qwen_target).image_token_id
     assert 0 < sample.target_from < len(sample.token_ids)
 
 

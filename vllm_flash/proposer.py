@@ -86,9 +86,19 @@ class FlashProposer(EagleProposer):
         batch = self.runner.input_batch
         num_reqs = cad.num_reqs
         states = [self.runner.requests.get(req_id) for req_id in batch.req_ids[:num_reqs]]
-        if not any(state is not None and state.mm_features for state in states):
-            return None
         query_start = cad.query_start_loc_cpu.tolist()
+        if cad.seq_lens_cpu_upper_bound is not None:
+            # Cheap host-side check first: decode steps of image requests (the common case) skip the device
+            # sync below. The upper bound may exceed the true length by the pending draft tokens.
+            upper = cad.seq_lens_cpu_upper_bound.tolist()
+            slack = self.num_speculative_tokens + 1
+            if not any(state is not None and state.mm_features and
+                       max(f.mm_position.offset + f.mm_position.length for f in state.mm_features)
+                       > upper[r] - (query_start[r + 1] - query_start[r]) - slack
+                       for r, state in enumerate(states)):
+                return None
+        elif not any(state is not None and state.mm_features for state in states):
+            return None
         seq_lens = cad.seq_lens.cpu().tolist()  # exact chunk bounds (a device sync, only with images in batch)
         extra = self.net_num_new_slots_per_request
         starts, lengths = [], []

@@ -197,11 +197,9 @@ def fit(draft: FlashDraft, samples, cfg: TrainConfig,
 @torch.no_grad()
 def hf_text_features(target_dir: str | Path, sequences: list[list[int]]) -> list[torch.Tensor]:
     """Target features (final-norm hidden states) for text-only token sequences, with HF transformers."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
-    config = AutoConfig.from_pretrained(str(target_dir))
     model = AutoModelForImageTextToText.from_pretrained(str(target_dir), dtype=torch.float32).eval()
-    del config
     out = []
     for seq in sequences:
         ids = torch.tensor([seq])
