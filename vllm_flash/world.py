@@ -19,7 +19,7 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "
           "purple": (150, 60, 190), "orange": (240, 140, 30)}
 SHAPES = ("circle", "square", "triangle", "star")
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven")
 TASKS = ("image_caption", "visual_qa", "video_caption")
 
 
@@ -201,3 +201,20 @@ def write_split(out_dir: str | Path, task: str, split: str, n: int, image_size: 
     path = out / f"{task}-{split}.jsonl"
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+def heldout_request(task: str, index: int, image_size: int = 112) -> tuple[dict, str]:
+    """A held-out example as a Qwen2.5-VL vLLM request (rendered in memory) and its reference answer."""
+    import numpy as np
+
+    from .tiny_targets import chat_prompt, video_input
+
+    ex = example(task, SPLIT_SEEDS["heldout"] + index)
+    if task == "video_caption":
+        frames = np.stack([np.asarray(render(scene, image_size)) for scene in ex["scenes"]])
+        request = {"prompt": chat_prompt("qwen2_5_vl", ex["question"], video=True),
+                   "multi_modal_data": {"video": video_input(frames)}}
+    else:
+        request = {"prompt": chat_prompt("qwen2_5_vl", ex["question"], images=1),
+                   "multi_modal_data": {"image": render(ex["scenes"][0], image_size)}}
+    return request, ex["answer"]

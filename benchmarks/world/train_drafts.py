@@ -1,0 +1,145 @@
+"""Train the drafts the benchmark compares, all on the same data for the same number of epochs:
+FLASH (K=4, C=4 latents per 16-token image or video frame), FLASH without compression, FLASH with K=1, and
+EAGLE-3 (vLLM's `eagle3`, trained with the `speculators` library through benchmarks/eagle3/).
+
+The data: the first N rows of the world's training split with their answers replaced by the target's own
+greedy answers (self-distillation, as FLASH trains), written once as LLaVA JSONL so that every draft reads
+the same file. The FLASH variants also share one set of extracted features.
+
+    .venv/bin/python benchmarks/world/train_drafts.py --world build/world   # after train_target.py
+    .venv/bin/python benchmarks/world/train_drafts.py --world build/world --ship   # copy into assets/world
+
+--ship copies the target and the drafts into assets/world/ in bf16 (what the repository ships).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+FLASH_VARIANTS = {"flash": ["--k", "4", "--latents", "4"],
+                  "flash_nocompress": ["--k", "4", "--latents", "0"],
+                  "flash_k1": ["--k", "1", "--latents", "4"]}
+
+
+def distill_data(target: Path, train_jsonl: Path, out: Path, rows: int) -> Path:
+    """The first `rows` training rows, answered by the target itself (greedy, through vLLM)."""
+    if out.exists():
+        return out
+    from transformers import AutoProcessor
+
+    from vllm_flash.data import BadDataReport, read_conversations
+    from vllm_flash.evaluate import engine_env
+    from vllm_flash.trainer import regenerate_answers
+
+    engine_env()
+    lines = train_jsonl.read_text().splitlines()[:rows]
+    subset = out.with_suffix(".source.jsonl")
+    subset.write_text("\n".join(lines) + "\n")
+    report = BadDataReport()
+    conversations = list(read_conversations(subset, report, image_root=train_jsonl.parent))
+    processor = AutoProcessor.from_pretrained(target)
+    answered = regenerate_answers(target, conversations, processor, max_tokens=160)
+    by_id = {c.row_id: c.answers[0].strip() for c in answered}
+    rows_out = []
+    for line in lines:
+        row = json.loads(line)
+        row["conversations"] = [row["conversations"][0], {"from": "gpt", "value": by_id[str(row["id"])]}]
+        rows_out.append(json.dumps(row))
+    out.write_text("\n".join(rows_out) + "\n")
+    return out
+
+
+def train_flash(target: Path, data: Path, world: Path, epochs: int, batch_size: int, lr: float) -> dict:
+    from vllm_flash.cli import main as cli
+
+    timings = {}
+    for name, shape in FLASH_VARIANTS.items():
+        out = world / "drafts" / name
+        if (out / "model.safetensors").exists():
+            continue
+        start = time.time()
+        cli(["train", "--target", str(target), "--data", str(data), "--out", str(out),
+             "--features", str(world / "features"), *shape, "--epochs", str(epochs),
+             "--batch-size", str(batch_size), "--lr", str(lr), "--warmup", "200", "--save-every", "500"])
+        timings[name] = round(time.time() - start)
+    return timings
+
+
+def train_eagle3(target: Path, data: Path, world: Path, epochs: int, batch_size: int, lr: float) -> dict:
+    out = world / "drafts" / "eagle3"
+    if (out / "config.json").exists():
+        return {}
+    start = time.time()
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "eagle3" / "setup.sh")], check=True)
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eagle3" / "train_eagle3.py"), "--target",
+                    str(target), "--data", str(data), "--out", str(out), "--epochs", str(epochs),
+                    "--batch-size", str(batch_size), "--lr", str(lr)], check=True)
+    return {"eagle3": round(time.time() - start)}
+
+
+def ship(world: Path, assets: Path) -> None:
+    """Copy the target and the drafts' exported files (no features or trainer state) in bf16."""
+    from safetensors.torch import load_file, save_file
+
+    if assets.exists():
+        shutil.rmtree(assets)
+    shutil.copytree(world / "target", assets / "target")
+    for draft in sorted((world / "drafts").iterdir()):
+        dst = assets / "drafts" / draft.name
+        dst.mkdir(parents=True)
+        for f in draft.iterdir():
+            if f.suffix == ".safetensors":
+                tensors = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in load_file(f).items()}
+                save_file(tensors, dst / f.name, metadata={"format": "pt"})
+            elif f.suffix == ".json" and f.name not in ("index.json",):
+                shutil.copy(f, dst / f.name)
+    for report in ("target_report.json", "drafts_report.json", "recipe.json"):
+        if (world / report).exists():
+            shutil.copy(world / report, assets / report)
+    total = sum(f.stat().st_size for f in assets.rglob("*") if f.is_file())
+    print(f"shipped {assets}: {total / 2**20:.1f} MiB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--world", default=str(ROOT / "build" / "world"), help="train_target.py's output folder")
+    p.add_argument("--rows", type=int, default=3000, help="training rows the drafts learn from")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--skip-eagle3", action="store_true")
+    p.add_argument("--ship", action="store_true", help="copy target + drafts to assets/world in bf16")
+    args = p.parse_args(argv)
+    world = Path(args.world)
+    target = world / "target"
+    if not (target / "config.json").exists():
+        raise SystemExit(f"no trained target at {target}: run benchmarks/world/train_target.py first")
+    if args.ship:
+        ship(world, ROOT / "assets" / "world")
+        return 0
+    data = distill_data(target, world / "data" / "train.jsonl", world / "data" / "distill.jsonl", args.rows)
+    report_path = world / "drafts_report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    report.update({"rows": args.rows, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr})
+    report.setdefault("train_seconds", {}).update(
+        train_flash(target, data, world, args.epochs, args.batch_size, args.lr))
+    report_path.write_text(json.dumps(report, indent=1))
+    if not args.skip_eagle3:
+        report["train_seconds"].update(train_eagle3(target, data, world, args.epochs, args.batch_size, args.lr))
+    report_path.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""Train the toy world's target LMM from scratch on CPU: a Qwen2.5-VL (served natively by vLLM).
+
+Why this recipe: a 1-layer draft costs about what a 7B LMM's draft costs (c ~ 0.1) only next to a deep target,
+24 layers of width 256 here. Training 24 layers from scratch on 2 cores is slow, so:
+  1. train a 4-layer model until its held-out answers are right;
+  2. deepen it to 24 layers: the trained layers are spread out, and every new layer's residual branches
+     (o_proj, down_proj) start at zero, so the deep model computes exactly the shallow one's function;
+  3. fine-tune the whole deep model briefly, so the new layers carry real weights;
+  4. export in bf16 (what ships) and measure held-out accuracy with those exact weights.
+
+    .venv/bin/python benchmarks/world/train_target.py --out build/world   # ~1 h on 2 cores
+
+Each stage writes its result under OUT and is skipped when it is already there, so a stopped run resumes at
+the last finished stage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from vllm_flash import world  # noqa: E402
+from vllm_flash.checkpoint import load_target_config  # noqa: E402
+from vllm_flash.config import target_facts  # noqa: E402
+from vllm_flash.data import BadDataReport, encode, read_conversations  # noqa: E402
+
+
+@dataclass
+class Recipe:
+    hidden: int = 256
+    shallow_layers: int = 4
+    layers: int = 24
+    vision: dict = field(default_factory=lambda: dict(depth=4, hidden_size=128, intermediate_size=256,
+                                                      num_heads=4, fullatt_block_indexes=[1, 3]))
+    train: dict = field(default_factory=lambda: {"image_caption": 3000, "visual_qa": 3000, "video_caption": 2000})
+    heldout: int = 60  # per task
+    batch_size: int = 16
+    shallow_epochs: float = 3.0
+    shallow_lr: float = 2e-3
+    deep_steps: int = 150
+    deep_lr: float = 3e-4
+    warmup: int = 100
+    seed: int = 0
+
+
+def world_corpus(n: int = 3000) -> list[str]:
+    """Texts for the tokenizer: every word the world uses, so each becomes one token."""
+    texts = []
+    for task in world.TASKS:
+        for i in range(n):
+            ex = world.example(task, i)
+            texts += [ex["question"], ex["answer"]]
+    return texts + ["user assistant system\n"]
+
+
+def write_data(out: Path, recipe: Recipe) -> Path:
+    data = out / "data"
+    if (data / "train.jsonl").exists():
+        return data
+    for split, counts in (("train", recipe.train), ("heldout", {t: recipe.heldout for t in world.TASKS})):
+        lines = []
+        for task, n in counts.items():
+            lines += world.write_split(data, task, split, n).read_text().splitlines()
+        random.Random(split).shuffle(lines)
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return data
+
+
+def build_shallow(out: Path, recipe: Recipe) -> Path:
+    from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
+
+    path = out / "shallow-init"
+    if not (path / "config.json").exists():
+        build_tiny_qwen2_5_vl(path, num_layers=recipe.shallow_layers, hidden=recipe.hidden, seed=recipe.seed,
+                              vocab_size=512, lm_head_scale=1.0, corpus=world_corpus(), vision=recipe.vision)
+    return path
+
+
+def encode_split(target: Path, jsonl: Path) -> list:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(target)
+    facts = target_facts(load_target_config(target))
+    report = BadDataReport()
+    encoded = [encode(c, processor, facts, max_len=1024) for c in read_conversations(jsonl, report)]
+    if report.counts:
+        raise RuntimeError(f"bad rows in generated data: {report.summary()}")
+    return encoded
+
+
+def collate(samples: list) -> dict:
+    """Right-padded batch; prompt positions and padding are masked out of the loss."""
+    width = max(len(s.token_ids) for s in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, s in enumerate(samples):
+        n = len(s.token_ids)
+        ids[i, :n] = s.token_ids
+        mask[i, :n] = 1
+        labels[i, s.target_from:n] = s.token_ids[s.target_from:]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [s.inputs[key] for s in samples if key in s.inputs]
+        if parts:
+            batch[key] = torch.cat(parts)
+    seconds = [t for s in samples for t in s.inputs.get("second_per_grid_ts", [])]
+    if seconds:
+        batch["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
+    return batch
+
+
+def batches(samples: list, batch_size: int, rng: random.Random) -> list[list]:
+    """Batches of similar length (less padding), in random order."""
+    order = sorted(range(len(samples)), key=lambda i: (len(samples[i].token_ids), rng.random()))
+    groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(groups)
+    return [[samples[i] for i in g] for g in groups]
+
+
+def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path: Path, tag: str) -> None:
+    rng = random.Random(recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    model.train()
+    queue: list = []
+    start = time.time()
+    with open(log_path, "a") as log:
+        for step in range(steps):
+            if not queue:
+                queue = batches(samples, recipe.batch_size, rng)
+            batch = collate(queue.pop())
+            scale = min(1.0, (step + 1) / recipe.warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            for group in opt.param_groups:
+                group["lr"] = lr * max(scale, 0.02)
+            loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if step % 20 == 0 or step == steps - 1:
+                line = {"stage": tag, "step": step, "of": steps, "loss": round(loss.item(), 4),
+                        "elapsed_s": round(time.time() - start, 1)}
+                print(json.dumps(line), flush=True)
+                log.write(json.dumps(line) + "\n")
+                log.flush()
+    model.eval()
+
+
+def deepen(shallow_dir: Path, out_dir: Path, recipe: Recipe) -> None:
+    """Spread the trained layers over a deeper stack; new layers start as exact identities."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    shallow = Qwen2_5_VLForConditionalGeneration.from_pretrained(shallow_dir, dtype=torch.float32)
+    config = Qwen2_5_VLConfig.from_pretrained(shallow_dir)
+    config.text_config.num_hidden_layers = recipe.layers
+    if hasattr(config.text_config, "layer_types") and config.text_config.layer_types:
+        config.text_config.layer_types = [config.text_config.layer_types[0]] * recipe.layers
+    torch.manual_seed(recipe.seed + 1)
+    deep = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    state = deep.state_dict()
+    old = shallow.state_dict()
+    every = recipe.layers // recipe.shallow_layers
+    prefix = "model.language_model.layers."
+    for name in state:
+        if not name.startswith(prefix):
+            state[name] = old[name]
+            continue
+        index, rest = name[len(prefix):].split(".", 1)
+        index = int(index)
+        if index % every == 0 and index // every < recipe.shallow_layers:
+            state[name] = old[f"{prefix}{index // every}.{rest}"]
+        elif rest in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            state[name] = torch.zeros_like(state[name])
+    deep.load_state_dict(state)
+    deep.save_pretrained(out_dir, safe_serialization=True)
+
+
+@torch.no_grad()
+def greedy_accuracy(model, processor, samples: list, max_new_tokens: int = 160) -> dict:
+    """Exact-match rate of greedy answers against the world's reference answers, per task."""
+    results: dict[str, list[bool]] = {}
+    for s in samples:
+        inputs = {k: v for k, v in s.inputs.items() if isinstance(v, torch.Tensor)}
+        n = s.target_from
+        per_token = inputs["input_ids"].shape
+        prompt = {k: (v[:, :n] if v.shape == per_token else v) for k, v in inputs.items()}
+        out = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False)
+        answer = processor.tokenizer.decode(out[0, n:], skip_special_tokens=True).strip()
+        reference = processor.tokenizer.decode(s.token_ids[n:], skip_special_tokens=True).strip()
+        task = s.row_id.rsplit("-", 2)[0]
+        results.setdefault(task, []).append(answer == reference)
+    return {t: round(sum(v) / len(v), 3) for t, v in results.items()}
+
+
+def export_bf16(src: Path, dst: Path, processor_dir: Path) -> None:
+    """What ships: bf16 weights (half the bytes; vLLM upcasts to float32 on CPU at load), with the tokenizer,
+    processor and generation config of `processor_dir`."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=torch.bfloat16)
+    model.save_pretrained(dst, safe_serialization=True)
+    for f in processor_dir.iterdir():
+        if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, dst / f.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(ROOT / "build" / "world"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="a tiny run of every stage (smoke test)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    recipe = Recipe()
+    if args.quick:
+        recipe = Recipe(train={t: 8 for t in world.TASKS}, heldout=2, batch_size=4, shallow_epochs=1,
+                        deep_steps=2, warmup=2, layers=8, shallow_layers=2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
+    log = out / "train_target.log"
+    data = write_data(out, recipe)
+    init = build_shallow(out, recipe)
+    train_set = encode_split(init, data / "train.jsonl")
+    heldout = encode_split(init, data / "heldout.jsonl")
+    processor = AutoProcessor.from_pretrained(init)
+    report: dict = {"recipe": asdict(recipe), "train_examples": len(train_set)}
+    torch.manual_seed(recipe.seed)
+
+    shallow_dir = out / "shallow"
+    if not (shallow_dir / "config.json").exists():
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+        steps = int(recipe.shallow_epochs * len(train_set) / recipe.batch_size)
+        t0 = time.time()
+        train(model, train_set, steps, recipe.shallow_lr, recipe, log, "shallow")
+        report["shallow_train_s"] = round(time.time() - t0)
+        model.save_pretrained(shallow_dir, safe_serialization=True)
+    deep_init = out / "deep-init"
+    if not (deep_init / "config.json").exists():
+        deepen(shallow_dir, deep_init, recipe)
+    deep_dir = out / "deep"
+    if not (deep_dir / "config.json").exists():
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(deep_init, dtype=torch.float32)
+        t0 = time.time()
+        train(model, train_set, recipe.deep_steps, recipe.deep_lr, recipe, log, "deep")
+        report["deep_train_s"] = round(time.time() - t0)
+        model.save_pretrained(deep_dir, safe_serialization=True)
+    target = out / "target"
+    export_bf16(deep_dir, target, init)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(target, dtype=torch.float32).eval()
+    report["heldout_exact_match_hf"] = greedy_accuracy(model, processor, heldout)
+    print(json.dumps(report), flush=True)
+    (out / "target_report.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
