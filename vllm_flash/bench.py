@@ -146,10 +146,12 @@ def speedup_bound(a: float, k: int, c: float) -> float:
     return expected / (1 + c)
 
 
-def build_requests(tasks: tuple[str, ...], n: int) -> dict[str, list]:
+def build_requests(tasks: tuple[str, ...], n: int) -> tuple[dict[str, list], dict[str, list[str]]]:
+    """Held-out requests per task, and their reference answers."""
     from . import world
 
-    return {task: [world.heldout_request(task, i)[0] for i in range(n)] for task in tasks}
+    pairs = {task: [world.heldout_request(task, i) for i in range(n)] for task in tasks}
+    return ({t: [p[0] for p in ps] for t, ps in pairs.items()}, {t: [p[1] for p in ps] for t, ps in pairs.items()})
 
 
 def run_bench(cfg: BenchConfig, results_dir: Path, log=print) -> dict:
@@ -165,7 +167,7 @@ def run_bench(cfg: BenchConfig, results_dir: Path, log=print) -> dict:
     common = dict(model=str(cfg.target), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
                   limit_mm_per_prompt={"image": 1, "video": 1}, disable_log_stats=False,  # the scheduler counts accepts only then
                   enable_prefix_caching=False, max_num_seqs=max(cfg.batch_sizes))
-    requests = build_requests(cfg.tasks, max(max(cfg.batch_sizes), cfg.batch1_requests))
+    requests, references = build_requests(cfg.tasks, max(max(cfg.batch_sizes), cfg.batch1_requests))
     log(f"starting {len(cfg.methods)} engines: {', '.join(cfg.methods)}")
     # ngram's engine is built last: its proposer imports numba/llvmlite, and every later engine start in this
     # process would then crash in vLLM's Triton-override scan of sys.modules (llvmlite holds an object whose
@@ -212,6 +214,7 @@ def run_bench(cfg: BenchConfig, results_dir: Path, log=print) -> dict:
                 engines[method].generate(requests[task][:max(cfg.batch_sizes)], sampled, use_tqdm=False)
                 sampled_metrics[(task, method)] = probe.counts
     probe.close()
+    engines_tokenizer = next(iter(engines.values())).get_tokenizer()
     del engines
     gc.collect()
 
@@ -234,34 +237,48 @@ def run_bench(cfg: BenchConfig, results_dir: Path, log=print) -> dict:
                        if "none" in cfg.methods else None,
                        "k": k, "tau": None, "acceptance_per_position": None, "c": None, "a": None, "bound": None}
                 if method != "none":
-                    merged = _sum_metrics([s["metrics"] for s in runs])
-                    acc = acceptance_summary(merged, k)
-                    row["tau"] = round(acc["tau"], 3)
-                    row["acceptance_per_position"] = [round(x, 3) for x in acc["acceptance_per_position"]]
+                    acc = _acceptance(_sum_metrics([s["metrics"] for s in runs]), k)
+                    row["tau"], row["acceptance_per_position"] = acc["tau"], acc["acceptance_per_position"]
                     propose = [s["propose_ms"] for s in samples[(task, method, 1)] if s["propose_ms"]] \
                         if 1 in cfg.batch_sizes else []
-                    if propose and none_target_ms:
+                    if propose and none_target_ms and row["tau"]:
                         c = statistics.median(propose) / none_target_ms
                         a = per_token_acceptance(acc["tau"], k)
                         row.update(c=round(c, 4), a=round(a, 3), bound=round(speedup_bound(a, k, c), 3))
                 rows.append(row)
         for method, metrics in ((m, sampled_metrics[(task, m)]) for m in cfg.methods if (task, m) in sampled_metrics):
             k = num_draft_tokens(method, cfg)
-            acc = acceptance_summary(metrics, k)
+            acc = _acceptance(metrics, k)
             rows.append({"task": task, "method": method, "batch_size": max(cfg.batch_sizes), "temperature": 1.0,
-                         "tau": round(acc["tau"], 3),
-                         "acceptance_per_position": [round(x, 3) for x in acc["acceptance_per_position"]],
+                         "tau": acc["tau"], "acceptance_per_position": acc["acceptance_per_position"],
                          "output_tokens_per_s": None, "speedup_vs_none": None, "c": None, "k": k})
 
+    accuracy = {}  # the target's own quality on these requests: its greedy answers against the world's truth
+    if "none" in cfg.methods:
+        largest = max(cfg.batch_sizes)
+        for task in cfg.tasks:
+            texts = [engines_tokenizer.decode(ids, skip_special_tokens=True).strip()
+                     for ids in outputs[(task, "none", largest)]]
+            accuracy[task] = round(sum(t == r for t, r in zip(texts, references[task])) / len(texts), 3)
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, "
                    f"torch threads {torch.get_num_threads()}, {'cuda' if torch.cuda.is_available() else 'cpu'}",
         "vllm_version": vllm.__version__,
         "target": str(cfg.target), "repeats": cfg.repeats, "max_tokens": cfg.max_tokens,
+        "target_exact_match": accuracy,
         "rows": rows,
     }
     write_results(result, results_dir)
     return result
+
+
+def _acceptance(counts: dict, k: int) -> dict:
+    """tau and acceptance per position over the verify steps that had drafts (vLLM's definition); None when
+    the method proposed nothing at all (ngram finds no match in sampled text, for one)."""
+    if not counts.get("num_drafts"):
+        return {"tau": None, "acceptance_per_position": None}
+    acc = acceptance_summary(counts, k)
+    return {"tau": round(acc["tau"], 3), "acceptance_per_position": [round(x, 3) for x in acc["acceptance_per_position"]]}
 
 
 def _sum_metrics(deltas: list[dict]) -> dict:
@@ -281,7 +298,8 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 def markdown_table(result: dict) -> str:
     lines = [f"Machine: {result['machine']}; vLLM {result['vllm_version']}; median of {result['repeats']} "
-             f"repetitions; max_tokens {result['max_tokens']}.", "",
+             f"repetitions; max_tokens {result['max_tokens']}. Target's greedy answers exactly right on these "
+             f"requests: {result.get('target_exact_match') or '-'}.", "",
              "| task | method | batch | temp | tau | acceptance per position | tokens/s | speed-up vs none | c | "
              "bound | speed-up / bound | identical to none |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

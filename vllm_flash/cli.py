@@ -130,10 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("patches", help="list the changes vllm-flash makes to vLLM")
     p.set_defaults(func=cmd_patches)
 
-    p = sub.add_parser("demo", help="serve a tiny multimodal target with a FLASH draft and print results")
-    p.add_argument("--workdir", default=".vllm-flash-demo", help="where the demo builds its models")
+    p = sub.add_parser("demo", help="serve the shipped toy-world LMM with its FLASH draft; captions + speed-up")
+    p.add_argument("--target", default=str(REPO_ASSETS / "target"))
+    p.add_argument("--draft", default=str(REPO_ASSETS / "drafts" / "flash"))
+    p.add_argument("--images", type=int, default=3, help="held-out images to caption (plus one video)")
     p.add_argument("--k", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=160)
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)

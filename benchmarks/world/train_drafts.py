@@ -118,14 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--skip-eagle3", action="store_true")
-    p.add_argument("--ship", action="store_true", help="copy target + drafts to assets/world in bf16")
+    p.add_argument("--ship", action="store_true", help="copy target + drafts to ASSETS in bf16")
+    p.add_argument("--assets", default=str(ROOT / "assets" / "world"))
     args = p.parse_args(argv)
     world = Path(args.world)
     target = world / "target"
     if not (target / "config.json").exists():
         raise SystemExit(f"no trained target at {target}: run benchmarks/world/train_target.py first")
     if args.ship:
-        ship(world, ROOT / "assets" / "world")
+        ship(world, Path(args.assets))
         return 0
     data = distill_data(target, world / "data" / "train.jsonl", world / "data" / "distill.jsonl", args.rows)
     report_path = world / "drafts_report.json"

@@ -1,0 +1,108 @@
+"""The toy world's shipped models and the benchmark built on them.
+
+- the target-training recipe's deepening step leaves the model's function unchanged;
+- `vllm-flash bench` runs every method on the shipped target + drafts (eagle3 included, read natively by vLLM),
+  writes latest.json / latest.md / PNG plots, and every method's greedy output equals plain decoding;
+- the README's main job, `vllm-flash demo`, captions held-out media correctly and losslessly.
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from vllm_flash.bench import METHODS, REPO_ASSETS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_deepening_keeps_the_shallow_models_function(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    recipe = recipe_mod.Recipe(hidden=64, shallow_layers=2, layers=6)
+    shallow = build_tiny_qwen2_5_vl(tmp_path / "shallow", num_layers=2, hidden=64, lm_head_scale=1.0)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(shallow, dtype=torch.float32).eval()
+    with torch.no_grad():  # trained-looking weights: no layer is an identity by accident
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(shallow)
+    recipe_mod.deepen(shallow, tmp_path / "deep", recipe)
+    deep = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "deep", dtype=torch.float32).eval()
+    assert deep.config.text_config.num_hidden_layers == 6
+    ids = torch.randint(0, 200, (1, 24))
+    with torch.no_grad():
+        expected, got = model(input_ids=ids).logits, deep(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # ...and the new layers are not dead weight: their zeroed branches get gradients
+    deep.train()
+    deep(input_ids=ids, labels=ids).loss.backward()
+    assert deep.model.language_model.layers[1].self_attn.o_proj.weight.grad.abs().sum() > 0
+
+
+def test_shipped_assets_are_small_bf16_safetensors():
+    files = [f for f in REPO_ASSETS.rglob("*") if f.is_file()]
+    assert (REPO_ASSETS / "target" / "model.safetensors").exists(), "the toy world's target must ship"
+    assert sum(f.stat().st_size for f in files) < 60 * 2**20
+    assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".py")]
+    from safetensors import safe_open
+
+    for f in (REPO_ASSETS).rglob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            dtypes = {st.get_slice(k).get_dtype() for k in st.keys()}
+        assert dtypes <= {"BF16", "I64", "I32", "BOOL"}, (f, dtypes)
+    for method in METHODS[2:]:
+        assert (REPO_ASSETS / "drafts" / method / "config.json").exists(), method
+
+
+def test_bench_runs_every_method_losslessly_and_writes_results(tmp_path):
+    from vllm_flash.cli import main
+
+    assert main(["bench", "--tasks", "image_caption,video_caption", "--batch-sizes", "1,2", "--repeats", "1",
+                 "--max-tokens", "12", "--results", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "latest.json").read_text())
+    assert {"machine", "vllm_version", "rows"} <= set(result)
+    assert set(result["target_exact_match"]) == {"image_caption", "video_caption"}
+    greedy = [r for r in result["rows"] if r["temperature"] == 0.0]
+    sampled = [r for r in result["rows"] if r["temperature"] == 1.0]
+    assert {(r["task"], r["method"], r["batch_size"]) for r in greedy} == {
+        (t, m, b) for t in ("image_caption", "video_caption") for m in METHODS for b in (1, 2)}
+    assert {r["method"] for r in sampled} == set(METHODS[1:])
+    for r in result["rows"]:
+        assert {"task", "method", "batch_size", "temperature", "tau", "acceptance_per_position",
+                "output_tokens_per_s", "speedup_vs_none", "c"} <= set(r)
+    assert all(r["identical_to_none"] for r in greedy), [r for r in greedy if not r["identical_to_none"]]
+    for r in greedy:
+        if r["method"] == "none":
+            assert r["speedup_vs_none"] == 1.0 and r["tau"] is None
+        elif r["tau"] is not None or r["method"] != "ngram":  # ngram may find nothing to propose
+            assert r["tau"] >= 1.0 and len(r["acceptance_per_position"]) == r["k"]
+        if r["method"] != "none":
+            assert r["output_tokens_per_s"] > 0
+            if r["batch_size"] == 1 and r["tau"] is not None:
+                assert r["c"] > 0 and r["bound"] > 0
+    flash = [r for r in greedy if r["method"] == "flash"]
+    assert min(r["tau"] for r in flash) > 1.5, flash  # a trained draft on its own world
+    table = (tmp_path / "latest.md").read_text()
+    assert table.count("\n| ") == len(result["rows"]) + 1
+    for png in ("speedup.png", "acceptance.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_captions_heldout_media_correctly_and_losslessly(capsys):
+    from vllm_flash.cli import main
+
+    assert main(["demo", "--images", "1", "--max-tokens", "160"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("identical to plain vLLM: True") == 2
+    assert "correct description: True" in out
+    assert "speed-up" in out and "tau" in out
