@@ -45,8 +45,9 @@ class Recipe:
                                                       num_heads=4, fullatt_block_indexes=[1, 3]))
     train: dict = field(default_factory=lambda: {"image_caption": 3000, "visual_qa": 3000, "video_caption": 2000})
     heldout: int = 60  # per task
+    image_size: int = 112
     batch_size: int = 16
-    shallow_epochs: float = 3.0
+    shallow_epochs: float = 2.4
     shallow_lr: float = 2e-3
     deep_steps: int = 150
     deep_lr: float = 3e-4
@@ -111,6 +112,12 @@ def collate(samples: list) -> dict:
         mask[i, :n] = 1
         labels[i, s.target_from:n] = s.token_ids[s.target_from:]
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    # HF builds Qwen2.5-VL's M-RoPE positions only when it gets the token types; without them it silently falls
+    # back to 1-D positions, and the model would not match what vLLM serves.
+    types = torch.zeros_like(ids)
+    for i, s in enumerate(samples):
+        types[i, :len(s.token_ids)] = s.inputs["mm_token_type_ids"][0]
+    batch["mm_token_type_ids"] = types
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         parts = [s.inputs[key] for s in samples if key in s.inputs]
         if parts:
@@ -119,6 +126,40 @@ def collate(samples: list) -> dict:
     if seconds:
         batch["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
     return batch
+
+
+CELL_LABELS = (len(world.SHAPES) + 1, len(world.COLORS) + 1, 3)  # per grid cell: shape, colour, size (0: empty)
+
+
+def scene_labels(row_id: str) -> torch.Tensor | None:
+    """(9, 3) class ids of what each grid cell of a row's image holds, for the vision probe."""
+    task, split, index = row_id.rsplit("-", 2)
+    if task == "video_caption":
+        return None
+    labels = torch.zeros(9, 3, dtype=torch.long)
+    for o in world.example(task, world.SPLIT_SEEDS[split] + int(index))["scenes"][0]:
+        labels[o.row * 3 + o.col] = torch.tensor([world.SHAPES.index(o.shape) + 1,
+                                                  list(world.COLORS).index(o.color) + 1,
+                                                  1 + (o.size == "large")])
+    return labels
+
+
+class VisionProbe(torch.nn.Module):
+    """Training aid, not shipped: a linear read-out of each image's visual tokens that must name what sits in
+    every grid cell. Learning to see only through the caption loss is slow on 2 cores (a first run learned
+    the language but collapsed every image to one large constant vector); this gives the vision tower a
+    direct signal. A small penalty on the features' size keeps them at the text embeddings' scale."""
+
+    def __init__(self, tokens: int, hidden: int) -> None:
+        super().__init__()
+        self.read = torch.nn.Linear(tokens * hidden, 9 * sum(CELL_LABELS))
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.read(features.flatten(1)).view(len(features), 9, sum(CELL_LABELS))
+        parts = logits.split(CELL_LABELS, dim=-1)
+        probe = sum(torch.nn.functional.cross_entropy(part.flatten(0, 1), labels[..., i].flatten())
+                    for i, part in enumerate(parts)) / len(parts)
+        return probe + 1e-2 * features.pow(2).mean()
 
 
 def batches(samples: list, batch_size: int, rng: random.Random) -> list[list]:
@@ -131,7 +172,12 @@ def batches(samples: list, batch_size: int, rng: random.Random) -> list[list]:
 
 def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path: Path, tag: str) -> None:
     rng = random.Random(recipe.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    image_tokens = (recipe.image_size // 28) ** 2
+    probe = VisionProbe(image_tokens, recipe.hidden)
+    opt = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=lr, weight_decay=0.01,
+                            betas=(0.9, 0.98))
+    seen: list = []  # the vision tower's outputs in this forward (images first, then videos)
+    model.model.visual.register_forward_hook(lambda _m, _i, out: seen.append(out.pooler_output))
     model.train()
     queue: list = []
     start = time.time()
@@ -139,17 +185,24 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
         for step in range(steps):
             if not queue:
                 queue = batches(samples, recipe.batch_size, rng)
-            batch = collate(queue.pop())
+            chosen = queue.pop()
+            batch = collate(chosen)
             scale = min(1.0, (step + 1) / recipe.warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
             for group in opt.param_groups:
                 group["lr"] = lr * max(scale, 0.02)
-            loss = model(**batch).loss
+            seen.clear()
+            loss = caption_loss = model(**batch).loss
+            labels = [scene_labels(x.row_id) for x in chosen if "pixel_values" in x.inputs]
+            if labels and seen:
+                features = seen[0].view(len(labels), image_tokens, -1)
+                loss = loss + probe.loss(features, torch.stack(labels))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             if step % 20 == 0 or step == steps - 1:
-                line = {"stage": tag, "step": step, "of": steps, "loss": round(loss.item(), 4),
+                line = {"stage": tag, "step": step, "of": steps, "loss": round(caption_loss.item(), 4),
+                        "probe": round(loss.item() - caption_loss.item(), 4),
                         "elapsed_s": round(time.time() - start, 1)}
                 print(json.dumps(line), flush=True)
                 log.write(json.dumps(line) + "\n")
