@@ -186,3 +186,21 @@ def test_video_file_rows_decode_like_frame_folders(tmp_path):
     convs = list(read_conversations(tmp_path / "d.jsonl", report))
     assert [c.row_id for c in convs] == ["v"] and convs[0].videos[0].shape == (4, 56, 56, 3)
     assert dict(report.counts) == {"corrupt video": 1}
+
+
+def test_finished_features_are_reused_and_only_for_their_target(qwen_target, tmp_path):
+    import shutil
+
+    from vllm_flash.cli import main
+
+    data = write_toy_dataset(tmp_path / "data", n_good=4, with_bad=False, with_video=False)
+    features = tmp_path / "features"
+    extract_features(qwen_target, data, features, max_len=512, progress=False)
+    # the data file is gone: a second draft trains from the same features without reading it
+    args = ["--data", str(tmp_path / "gone.jsonl"), "--features", str(features), "--latents", "0", "--steps", "2",
+            "--warmup", "1"]
+    assert main(["train", "--target", str(qwen_target), "--out", str(tmp_path / "d"), *args]) == 0
+    assert load_draft(tmp_path / "d").config.training["samples"] == 4
+    other = shutil.copytree(qwen_target, tmp_path / "other_target")
+    with pytest.raises(SystemExit, match="were extracted from"):
+        main(["train", "--target", str(other), "--out", str(tmp_path / "d2"), *args])

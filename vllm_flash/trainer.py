@@ -50,7 +50,10 @@ def regenerate_answers(target: Path, conversations: list[Conversation], processo
     from vllm import LLM, SamplingParams
 
     requests = [vllm_request(conv, processor) for conv in conversations]
+    # On CPU serve in float32, as the benchmarks and tests do: bf16 weights would otherwise run in bf16 there
+    # and their greedy answers could differ from the ones the draft is later served against.
     llm = LLM(model=str(target), enforce_eager=True, seed=0, max_model_len=4096, enable_prefix_caching=False,
+              dtype="auto" if torch.cuda.is_available() else "float32",
               limit_mm_per_prompt={"image": max([len(c.images) for c in conversations] + [1]),
                                    "video": max([len(c.videos) for c in conversations] + [1])})
     outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=max_tokens))
