@@ -265,7 +265,7 @@ def run_bench(cfg: BenchConfig, results_dir: Path, log=print) -> dict:
                    f"torch threads {torch.get_num_threads()}, {'cuda' if torch.cuda.is_available() else 'cpu'}",
         "vllm_version": vllm.__version__,
         "target": str(cfg.target), "repeats": cfg.repeats, "max_tokens": cfg.max_tokens,
-        "target_exact_match": accuracy,
+        "target_exact_match": accuracy, "batch1_requests": cfg.batch1_requests,
         "rows": rows,
     }
     write_results(result, results_dir)
@@ -298,7 +298,7 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 def markdown_table(result: dict) -> str:
     lines = [f"Machine: {result['machine']}; vLLM {result['vllm_version']}; median of {result['repeats']} "
-             f"repetitions; max_tokens {result['max_tokens']}. Target's greedy answers exactly right on these "
+             f"repetitions; max_tokens {result['max_tokens']}; batch 1 = {result.get('batch1_requests')} requests in turn. Target's greedy answers exactly right on these "
              f"requests: {result.get('target_exact_match') or '-'}.", "",
              "| task | method | batch | temp | tau | acceptance per position | tokens/s | speed-up vs none | c | "
              "bound | speed-up / bound | identical to none |",
@@ -396,6 +396,7 @@ def run_bench_cli(args) -> int:
         raise SystemExit(f"unknown task(s) {bad_tasks}; choose from {world.TASKS}")
     cfg.batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     cfg.repeats, cfg.max_tokens, cfg.sampled = args.repeats, args.max_tokens, not args.greedy_only
+    cfg.batch1_requests = args.batch1_requests
     if not (cfg.target / "config.json").exists():
         raise SystemExit(f"no target at {cfg.target}: pass --target, or retrain the world's models with "
                          f"`bash benchmarks/world/retrain.sh`")
