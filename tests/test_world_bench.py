@@ -93,7 +93,8 @@ def test_bench_runs_every_method_losslessly_and_writes_results(tmp_path):
     flash = [r for r in greedy if r["method"] == "flash"]
     assert min(r["tau"] for r in flash) > 1.5, flash  # a trained draft on its own world
     table = (tmp_path / "latest.md").read_text()
-    assert table.count("\n| ") == len(result["rows"]) + 1
+    assert table.count("\n| ") == (len(result["rows"]) + 1) + (6 + 1)  # results + header, targets + header
+    assert "| flash speed-up over none, batch 1 | >= 2.5 |" in table
     for png in ("speedup.png", "acceptance.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -314,6 +314,40 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def targets_table(result: dict) -> str:
+    """The project's benchmark targets, checked against this run's greedy rows (per task)."""
+    greedy = {(r["task"], r["method"], r["batch_size"]): r for r in result["rows"] if r["temperature"] == 0.0}
+    tasks = list(dict.fromkeys(t for t, _, _ in greedy))
+
+    def get(task, method, batch, key):
+        row = greedy.get((task, method, batch))
+        return row.get(key) if row else None
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    checks = [
+        ("flash speed-up over none, batch 1", ">= 2.5", 2.5, lambda t: get(t, "flash", 1, "speedup_vs_none")),
+        ("flash over eagle3 speed, batch 1", ">= 1.25", 1.25,
+         lambda t: ratio(get(t, "flash", 1, "output_tokens_per_s"), get(t, "eagle3", 1, "output_tokens_per_s"))),
+        ("flash tau / eagle3 tau, batch 1", ">= 1.15", 1.15,
+         lambda t: ratio(get(t, "flash", 1, "tau"), get(t, "eagle3", 1, "tau"))),
+        ("flash throughput over none, batch 16", ">= 1.1", 1.1, lambda t: get(t, "flash", 16, "speedup_vs_none")),
+        ("flash speed-up / bound, batch 1", ">= 0.8", 0.8,
+         lambda t: ratio(get(t, "flash", 1, "speedup_vs_none"), get(t, "flash", 1, "bound"))),
+        ("flash tau / flash_nocompress tau, batch 1", ">= 0.98", 0.98,
+         lambda t: ratio(get(t, "flash", 1, "tau"), get(t, "flash_nocompress", 1, "tau"))),
+    ]
+    lines = ["| target | goal | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for name, goal, threshold, value in checks:
+        cells = []
+        for task in tasks:
+            v = value(task)
+            cells.append("-" if v is None else f"{v:.2f} {'met' if v >= threshold else 'missed'}")
+        lines.append(f"| {name} | {goal} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(result: dict, results_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -364,7 +398,7 @@ def plot(result: dict, results_dir: Path) -> list[Path]:
 def write_results(result: dict, results_dir: Path) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "latest.json").write_text(json.dumps(result, indent=1))
-    (results_dir / "latest.md").write_text(markdown_table(result))
+    (results_dir / "latest.md").write_text(markdown_table(result) + "\n" + targets_table(result))
     plot(result, results_dir)
 
 
