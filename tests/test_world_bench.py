@@ -7,6 +7,7 @@
 """
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _load(path: Path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
