@@ -231,6 +231,18 @@ def encode(conv: Conversation, processor, facts: dict, max_len: int) -> Encoded:
     return Encoded(conv.row_id, dict(inputs), ids, len(prefix_ids), list(zip(starts, lengths)))
 
 
+def encode_or_report(conv: Conversation, processor, facts: dict, max_len: int, report: BadDataReport
+                     ) -> Encoded | None:
+    """`encode`, with a row that cannot be used counted in `report` (by reason) instead of raised."""
+    try:
+        return encode(conv, processor, facts, max_len)
+    except BadRow as bad:
+        report.add(bad.reason, bad.detail)
+    except (ValueError, RuntimeError) as err:  # e.g. the processor rejects an image's size
+        report.add("unprocessable", f"row {conv.row_id}: {err}")
+    return None
+
+
 @torch.no_grad()
 def hf_features(model, encoded: Encoded) -> torch.Tensor:
     """The target's final-norm hidden states at every position (the features that feed the LM head)."""

@@ -11,7 +11,7 @@ import gc
 import time
 from pathlib import Path
 
-from .evaluate import acceptance_summary, engine_env, spec_metrics
+from .evaluate import acceptance_summary, engine_env, metrics_delta, spec_metrics
 
 
 def run_demo(args) -> int:
@@ -41,10 +41,7 @@ def run_demo(args) -> int:
         start = time.perf_counter()
         outputs = [llm.generate([r], params, use_tqdm=False)[0] for r in requests]  # batch 1
         elapsed = time.perf_counter() - start
-        after = spec_metrics(llm) if spec else {}
-        delta = {k: ([a - b for a, b in zip(v, before.get(k) or [0] * len(v))] if isinstance(v, list)
-                     else v - before.get(k, 0)) for k, v in after.items()}
-        results[name] = (outputs, elapsed, delta)
+        results[name] = (outputs, elapsed, metrics_delta(spec_metrics(llm), before) if spec else {})
         del llm
         gc.collect()
 

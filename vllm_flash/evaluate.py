@@ -30,6 +30,12 @@ def spec_metrics(llm) -> dict:
     return found
 
 
+def metrics_delta(after: dict, before: dict) -> dict:
+    """Spec-decode counters accumulated between two `spec_metrics` snapshots (lists: per position)."""
+    return {key: ([a - b for a, b in zip(value, before.get(key) or [0] * len(value))] if isinstance(value, list)
+                  else value - before.get(key, 0)) for key, value in after.items()}
+
+
 def acceptance_summary(metrics: dict, k: int) -> dict:
     drafts = metrics.get("num_drafts", 0) or 0
     accepted = metrics.get("num_accepted_tokens", 0) or 0
@@ -61,10 +67,7 @@ def compare(target: str, draft: str, requests: list, k: int, max_tokens: int, en
             start = time.perf_counter()
             outputs = llm.generate(requests, params, use_tqdm=False)
             times.append(time.perf_counter() - start)
-        after = spec_metrics(llm)
-        delta = {key: (([a - b for a, b in zip(after[key], before.get(key) or [0] * len(after[key]))])
-                       if isinstance(after[key], list) else after[key] - before.get(key, 0)) for key in after}
-        results[name] = (outputs, sorted(times)[len(times) // 2], delta)
+        results[name] = (outputs, sorted(times)[len(times) // 2], metrics_delta(spec_metrics(llm), before))
         del llm
         gc.collect()
     plain, flash = results["none"], results["flash"]

@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import load_target_config, load_target_head, save_draft
 from .config import FlashConfig, target_facts
-from .data import BadDataReport, BadRow, Conversation, FeatureShards, ShardWriter, encode, hf_features, \
+from .data import BadDataReport, Conversation, FeatureShards, ShardWriter, encode_or_report, hf_features, \
     read_conversations, vllm_request
 from .modeling import FlashDraft
 from .train import TrainConfig, fit
@@ -90,13 +90,8 @@ def extract_features(target: Path, data: Path, feature_dir: Path, *, max_len: in
         str(target), dtype=torch.bfloat16 if gpu else torch.float32).eval().to("cuda" if gpu else "cpu")
     writer = ShardWriter(feature_dir, dtype=feature_dtype)
     for conv in tqdm(conversations, desc="features", disable=not progress, dynamic_ncols=True):
-        try:
-            encoded = encode(conv, processor, facts, max_len)
-        except BadRow as bad:
-            report.add(bad.reason, bad.detail)
-            continue
-        except (ValueError, RuntimeError) as err:  # e.g. the processor rejects an image's size
-            report.add("unprocessable", f"row {conv.row_id}: {err}")
+        encoded = encode_or_report(conv, processor, facts, max_len, report)
+        if encoded is None:
             continue
         writer.add(encoded.token_ids, hf_features(model, encoded), encoded.frames, encoded.target_from)
     writer.close({"target": str(Path(target).resolve()), "data": str(data), "bad_rows": dict(report.counts)})

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from vllm_flash.checkpoint import load_target_config  # noqa: E402
 from vllm_flash.config import target_facts  # noqa: E402
-from vllm_flash.data import BadDataReport, BadRow, encode, read_conversations  # noqa: E402
+from vllm_flash.data import BadDataReport, encode_or_report, read_conversations  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -133,13 +133,8 @@ def write_speculators_data(target: Path, data: Path, image_root: Path | None, da
     hs_dir.mkdir(parents=True, exist_ok=True)
     rows = {"input_ids": [], "loss_mask": [], "seq_len": []}
     for conv in tqdm(conversations, desc="hidden states", dynamic_ncols=True):
-        try:
-            enc = encode(conv, processor, facts, max_len)
-        except BadRow as bad:
-            report.add(bad.reason, bad.detail)
-            continue
-        except (ValueError, RuntimeError) as err:  # e.g. the processor rejects an image's size
-            report.add("unprocessable", f"row {conv.row_id}: {err}")
+        enc = encode_or_report(conv, processor, facts, max_len, report)
+        if enc is None:
             continue
         inputs = {k: v.to(device) for k, v in enc.inputs.items()
                   if isinstance(v, torch.Tensor) and k != "attention_mask"}
