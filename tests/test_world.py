@@ -28,6 +28,11 @@ def test_rendered_pixels_match_the_scene():
     for o in scene:
         centre = (int((o.col + 0.5) * 40), int((o.row + 0.5) * 40) + (4 if o.shape == "triangle" else 0))
         assert img.getpixel(centre) == COLORS[o.color], o
+    # the background tells a patch where it is (the vision tower's positions are only relative)
+    empty = render([], 120)
+    corner, right, bottom = (empty.getpixel(p) for p in ((5, 5), (114, 5), (5, 114)))
+    assert right[0] - corner[0] > 30 and bottom[2] - corner[2] > 30  # redder rightwards, bluer downwards
+    assert min(empty.getpixel((60, 60))) > 190  # and still a light background, as the captions say
 
 
 def test_video_frames_change_and_splits_are_disjoint(tmp_path):
