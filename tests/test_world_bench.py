@@ -1,6 +1,7 @@
 """The toy world's shipped models and the benchmark built on them.
 
 - the target-training recipe's deepening step leaves the model's function unchanged;
+- its vision probe's labels line up with how the processor pairs video frames;
 - `vllm-flash bench` runs every method on the shipped target + drafts (eagle3 included, read natively by vLLM),
   writes latest.json / latest.md / PNG plots, and every method's greedy output equals plain decoding;
 - the README's main job, `vllm-flash demo`, captions held-out media losslessly and judges each caption.
@@ -49,6 +50,24 @@ def test_deepening_keeps_the_shallow_models_function(tmp_path):
     deep.train()
     deep(input_ids=ids, labels=ids).loss.backward()
     assert deep.model.language_model.layers[1].self_attn.o_proj.weight.grad.abs().sum() > 0
+
+
+def test_vision_probe_labels_follow_the_processors_frame_pairs():
+    from vllm_flash import world
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    seed = next(i for i in range(100) if len(world.example("video_caption", i)["scenes"]) % 2)  # an odd clip
+    frames = world.example("video_caption", seed)["scenes"]
+    labels = recipe_mod.scene_labels(f"video_caption-train-{seed}")
+    assert labels.shape == ((len(frames) + 1) // 2, 2, 9, 3)  # the processor pads with the last frame
+    assert torch.equal(labels[-1, 0], labels[-1, 1]) and not torch.equal(labels[0, 0], labels[-1, 0])
+    for o in frames[0]:
+        assert labels[0, 0, o.row * 3 + o.col, 1] == list(world.COLORS).index(o.color) + 1
+    image = recipe_mod.scene_labels("image_caption-heldout-3")
+    assert image.shape == (1, 2, 9, 3) and torch.equal(image[0, 0], image[0, 1])  # an image: a pair of copies
+    probe = recipe_mod.VisionProbe(16, 8)
+    loss = probe.loss(torch.randn(2 * 16, 8), torch.cat([labels[:1], image]))
+    assert loss.isfinite() and loss > 0
 
 
 def test_shipped_assets_are_small_bf16_safetensors():

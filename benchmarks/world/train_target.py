@@ -159,7 +159,6 @@ class VisionProbe(torch.nn.Module):
 
     def __init__(self, tokens: int, hidden: int) -> None:
         super().__init__()
-        self.tokens = tokens
         self.read = torch.nn.Linear(tokens * hidden, FRAMES_PER_GROUP * 9 * sum(CELL_LABELS))
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
