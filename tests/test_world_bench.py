@@ -130,3 +130,23 @@ def test_bench_runs_every_method_losslessly_and_writes_results(tmp_path):
     assert "| flash speed-up over none, batch 1 | >= 2.5 |" in table
     for png in ("speedup.png", "acceptance.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_targets_table_judges_each_goal_from_the_rows():
+    from vllm_flash.bench import targets_table
+
+    def row(method, batch, **values):
+        return {"task": "image_caption", "method": method, "batch_size": batch, "temperature": 0.0, **values}
+
+    rows = [row("flash", 1, speedup_vs_none=2.6, output_tokens_per_s=60.0, tau=3.0, bound=3.0),
+            row("eagle3", 1, output_tokens_per_s=50.0, tau=2.5),
+            row("flash_nocompress", 1, tau=3.1),
+            row("flash", 16, speedup_vs_none=1.05),
+            {**row("flash", 1, tau=9.0), "temperature": 1.0}]  # sampled rows are not judged
+    lines = targets_table({"rows": rows}).splitlines()
+    assert lines[2] == "| flash speed-up over none, batch 1 | >= 2.5 | 2.60 met |"
+    assert lines[3] == "| flash over eagle3 speed, batch 1 | >= 1.25 | 1.20 missed |"
+    assert lines[4] == "| flash tau / eagle3 tau, batch 1 | >= 1.15 | 1.20 met |"
+    assert lines[5] == "| flash throughput over none, batch 16 | >= 1.1 | 1.05 missed |"
+    assert lines[6] == "| flash speed-up / bound, batch 1 | >= 0.8 | 0.87 met |"
+    assert lines[7] == "| flash tau / flash_nocompress tau, batch 1 | >= 0.98 | 0.97 missed |"
