@@ -87,28 +87,45 @@ def test_unwritable_output_fails_before_any_work(tmp_path, qwen_target):
         main(["train", "--target", str(qwen_target), "--data", "missing.jsonl", "--out", str(blocker / "out")])
 
 
-def test_hf_features_agree_with_the_features_vllm_gives_the_draft(qwen_target, qwen_random_draft, monkeypatch):
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_hf_features_agree_with_the_features_vllm_gives_the_draft(media, qwen_target, qwen_random_draft, monkeypatch,
+                                                                  tmp_path):
+    """A training row goes through the training path (read, encode, HF forward) and, as the request distillation
+    sends, through vLLM: the target must see the same tokens and positions both ways. (A video once reached HF
+    without its frame rate, so training saw every frame at time 0 and vLLM served them a second apart.)"""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vllm_flash.data import Encoded, hf_features
-    from vllm_flash.tiny_targets import chat_prompt, random_image
+    from vllm_flash.config import target_facts
+    from vllm_flash.data import BadDataReport, encode, hf_features, read_conversations, vllm_request
+    from vllm_flash.tiny_targets import random_image
 
     from .test_vllm_equivalence import Recorder
     from .vllm_helpers import greedy, with_llm
 
-    recorder = Recorder(monkeypatch)
-    image = random_image(5, 112)
-    prompt = chat_prompt("qwen2_5_vl", "describe the picture", images=1)
-    out = with_llm(qwen_target, qwen_random_draft, lambda llm: llm.generate(
-        [{"prompt": prompt, "multi_modal_data": {"image": image}}], greedy(max_tokens=2))[0],
-        enable_prefix_caching=False)
-    prefill = recorder.steps[0]
+    row = {"id": "r", "conversations": [{"from": "human", "value": f"<{media}>\ndescribe what you see"},
+                                        {"from": "gpt", "value": "red circle"}]}
+    if media == "image":
+        random_image(5, 112).save(tmp_path / "a.png")
+        row["image"] = "a.png"
+    else:
+        (tmp_path / "clip").mkdir()
+        for f in range(5):  # odd: the processor pads the clip with its last frame
+            random_image(10 + f, 112).save(tmp_path / "clip" / f"{f:03d}.png")
+        row["video"] = "clip"
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    [conv] = read_conversations(tmp_path / "rows.jsonl", BadDataReport())
     processor = AutoProcessor.from_pretrained(str(qwen_target))
-    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
-    assert inputs["input_ids"][0].tolist() == list(out.prompt_token_ids)
+    encoded = encode(conv, processor, target_facts(load_target_config(qwen_target)), max_len=512)
+
+    recorder = Recorder(monkeypatch)
+    out = with_llm(qwen_target, qwen_random_draft, lambda llm: llm.generate(
+        [vllm_request(conv, processor)], greedy(max_tokens=2))[0], enable_prefix_caching=False)
+    prompt_len = len(out.prompt_token_ids)
+    assert encoded.token_ids[:prompt_len].tolist() == list(out.prompt_token_ids)
+    assert encoded.target_from == prompt_len
     model = AutoModelForImageTextToText.from_pretrained(str(qwen_target), dtype=torch.float32).eval()
-    features = hf_features(model, Encoded("x", dict(inputs), inputs["input_ids"][0], 0, []))
-    torch.testing.assert_close(features, prefill["hidden"].float(), rtol=1e-3, atol=1e-3)
+    features = hf_features(model, encoded)[:prompt_len]
+    torch.testing.assert_close(features, recorder.steps[0]["hidden"].float(), rtol=1e-3, atol=1e-3)
 
 
 def test_training_raises_tau_in_vllm_and_the_export_is_lossless(qwen_target, tmp_path):

@@ -133,6 +133,7 @@ def target_facts(target_config: PretrainedConfig) -> dict[str, Any]:
         image_token_id = getattr(target_config, "image_token_index", None)
     rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
     uses_mrope = bool(rope.get("mrope_section")) if isinstance(rope, dict) else False
+    vision = getattr(target_config, "vision_config", None)
     return {
         "architecture": (target_config.architectures or [""])[0],
         "hidden_size": text.hidden_size,
@@ -140,6 +141,9 @@ def target_facts(target_config: PretrainedConfig) -> dict[str, Any]:
         "image_token_id": image_token_id,
         "video_token_id": getattr(target_config, "video_token_id", None),
         "uses_mrope": uses_mrope,
+        # where M-RoPE puts visual tokens (Qwen2-VL family): merged patches per side, and time steps per second
+        "spatial_merge_size": getattr(vision, "spatial_merge_size", None),
+        "tokens_per_second": getattr(vision, "tokens_per_second", None),
     }
 
 

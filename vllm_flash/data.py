@@ -175,10 +175,17 @@ def first_question(conv: Conversation, processor) -> str:
     return processor.apply_chat_template(conv.messages[:first_answer], tokenize=False, add_generation_prompt=True)
 
 
+def video_input(frames) -> tuple:
+    """A clip as (frames, metadata), one frame per second. vLLM 0.32 wants Qwen2.5-VL video arrays with their
+    metadata, and training must hand the HF processor the same: the frame rate sets the temporal M-RoPE
+    positions, and without it HF assumes 24 fps, which puts every frame of a short clip at time 0."""
+    n = len(frames)
+    return (frames, {"total_num_frames": n, "fps": 1.0, "duration": n, "video_backend": "opencv",
+                     "frames_indices": list(range(n)), "do_sample_frames": False})
+
+
 def vllm_request(conv: Conversation, processor):
     """The vLLM request (prompt + multimodal data) that asks the target the conversation's first question."""
-    from .tiny_targets import video_input
-
     prompt = first_question(conv, processor)
     media = {}
     if conv.images:
@@ -207,7 +214,10 @@ def encode(conv: Conversation, processor, facts: dict, max_len: int) -> Encoded:
     if conv.images:
         media["images"] = conv.images
     if conv.videos:
-        media["videos"] = conv.videos
+        # the metadata vLLM gets with the same clip (`vllm_request`), so the positions match what is served
+        clips = [video_input(v) for v in conv.videos]
+        metadata = [{k: v for k, v in meta.items() if k != "do_sample_frames"} for _, meta in clips]  # vLLM's key
+        media.update(videos=[frames for frames, _ in clips], video_metadata=metadata, do_sample_frames=False)
     prefix = processor(text=[prefix_text], return_tensors="pt", **media)
     prefix_ids = prefix["input_ids"][0]
     if conv.answer_token_ids is not None:
@@ -225,10 +235,40 @@ def encode(conv: Conversation, processor, facts: dict, max_len: int) -> Encoded:
     ids = inputs["input_ids"][0]
     if len(ids) > max_len:
         raise BadRow("too long", f"row {conv.row_id}: {len(ids)} tokens > {max_len}")
+    if facts["uses_mrope"]:
+        inputs["position_ids"] = served_mrope_positions(inputs, facts)[:, None, :]
     grids = inputs.get("video_grid_thw")
     frames_per_video = [int(g[0]) for g in grids] if grids is not None else []
     starts, lengths = frames_from_token_ids(ids, facts["image_token_id"], facts["video_token_id"], frames_per_video)
     return Encoded(conv.row_id, dict(inputs), ids, len(prefix_ids), list(zip(starts, lengths)))
+
+
+def served_mrope_positions(inputs: dict, facts: dict) -> torch.Tensor:
+    """(3, T) M-RoPE positions of one encoded row, laid out as vLLM serves Qwen2.5-VL
+    (`get_mrope_input_positions`): a visual block spans (time, row, column) from where the text before it ends,
+    a video's time axis steps `tokens_per_second * second_per_grid_t` per frame pair, and the text after a block
+    resumes one past the block's largest position. transformers 5 resumes after a video at its spatial extent
+    instead, ignoring time; training on that would teach the target positions it is never served."""
+    types = inputs["mm_token_type_ids"][0].tolist()
+    grids = {1: iter(inputs.get("image_grid_thw", [])), 2: iter(inputs.get("video_grid_thw", []))}
+    seconds = iter(inputs.get("second_per_grid_ts", []))
+    merge = facts["spatial_merge_size"]
+    pieces, start, i = [], 0, 0
+    while i < len(types):
+        kind = types[i]
+        if kind == 0:
+            n = next((j for j in range(i, len(types)) if types[j] != 0), len(types)) - i
+            pieces.append(torch.arange(n).expand(3, n) + start)
+        else:
+            t, h, w = (int(x) for x in next(grids[kind]))
+            step = facts["tokens_per_second"] * float(next(seconds)) if kind == 2 else 1.0
+            grid = torch.meshgrid((torch.arange(t) * step).long(), torch.arange(h // merge), torch.arange(w // merge),
+                                  indexing="ij")
+            pieces.append(torch.stack(grid).reshape(3, -1) + start)
+            n = pieces[-1].shape[1]
+        i += n
+        start = int(pieces[-1].max()) + 1
+    return torch.cat(pieces, dim=1)
 
 
 def encode_or_report(conv: Conversation, processor, facts: dict, max_len: int, report: BadDataReport

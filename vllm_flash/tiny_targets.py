@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .data import video_input
+
 CORPUS_WORDS = (
     "a the of and in on with is are there red green blue yellow purple orange black white small large big "
     "tiny circle square triangle star cube ball box left right top bottom middle next to above below near "
@@ -194,13 +196,6 @@ def random_image(seed: int, size: int):
     from PIL import Image
 
     return Image.fromarray((np.random.RandomState(seed).rand(size, size, 3) * 255).astype("uint8"))
-
-
-def video_input(frames) -> tuple:
-    """vLLM 0.32 wants Qwen2.5-VL video arrays with their metadata."""
-    n = len(frames)
-    return (frames, {"total_num_frames": n, "fps": 1.0, "duration": n, "video_backend": "opencv",
-                     "frames_indices": list(range(n)), "do_sample_frames": False})
 
 
 def random_video(seed: int, num_frames: int, size: int):

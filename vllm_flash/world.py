@@ -223,7 +223,8 @@ def heldout_request(task: str, index: int, image_size: int = 112) -> tuple[dict,
     """A held-out example as a Qwen2.5-VL vLLM request (rendered in memory) and its reference answer."""
     import numpy as np
 
-    from .tiny_targets import chat_prompt, video_input
+    from .data import video_input
+    from .tiny_targets import chat_prompt
 
     ex = example(task, SPLIT_SEEDS["heldout"] + index)
     if task == "video_caption":

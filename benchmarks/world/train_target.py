@@ -49,7 +49,7 @@ class Recipe:
     batch_size: int = 16
     # (epochs, peak lr) per round, each with its own warm-up and cosine decay; the later rounds were added when
     # the first left the model reading colours but not yet shapes and places reliably, and loss still falling
-    shallow_rounds: tuple = ((2.4, 2e-3), (2.4, 1e-3), (1.6, 5e-4))
+    shallow_rounds: tuple = ((2.4, 2e-3), (2.4, 1e-3), (1.6, 5e-4), (1.2, 3e-4))
     deep_steps: int = 150
     deep_lr: float = 3e-4
     warmup: int = 100
@@ -112,13 +112,11 @@ def collate(samples: list) -> dict:
         ids[i, :n] = s.token_ids
         mask[i, :n] = 1
         labels[i, s.target_from:n] = s.token_ids[s.target_from:]
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    # HF builds Qwen2.5-VL's M-RoPE positions only when it gets the token types; without them it silently falls
-    # back to 1-D positions, and the model would not match what vLLM serves.
-    types = torch.zeros_like(ids)
+    # M-RoPE positions as vLLM serves them (`encode` lays them out); HF's own differ after a video
+    positions = torch.zeros(3, len(samples), width, dtype=torch.long)
     for i, s in enumerate(samples):
-        types[i, :len(s.token_ids)] = s.inputs["mm_token_type_ids"][0]
-    batch["mm_token_type_ids"] = types
+        positions[:, i, :len(s.token_ids)] = s.inputs["position_ids"][:, 0]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         parts = [s.inputs[key] for s in samples if key in s.inputs]
         if parts:
