@@ -261,7 +261,8 @@ def served_mrope_positions(inputs: dict, facts: dict) -> torch.Tensor:
             pieces.append(torch.arange(n).expand(3, n) + start)
         else:
             t, h, w = (int(x) for x in next(grids[kind]))
-            step = facts["tokens_per_second"] * float(next(seconds)) if kind == 2 else 1.0
+            # vLLM's defaults where a model or processor gives neither (Qwen2-VL): one position per frame pair
+            step = (facts["tokens_per_second"] or 1.0) * float(next(seconds, 1.0)) if kind == 2 else 1.0
             grid = torch.meshgrid((torch.arange(t) * step).long(), torch.arange(h // merge), torch.arange(w // merge),
                                   indexing="ij")
             pieces.append(torch.stack(grid).reshape(3, -1) + start)
