@@ -2,6 +2,7 @@
 
 - the target-training recipe's deepening step leaves the model's function unchanged;
 - its vision probe's labels line up with how the processor pairs video frames;
+- its padded training batches give every row the M-RoPE positions vLLM serves;
 - `vllm-flash bench` runs every method on the shipped target + drafts (eagle3 included, read natively by vLLM),
   writes latest.json / latest.md / PNG plots, and every method's greedy output equals plain decoding;
 - the README's main job, `vllm-flash demo`, captions held-out media losslessly and judges each caption.
@@ -150,3 +151,28 @@ def test_targets_table_judges_each_goal_from_the_rows():
     assert lines[5] == "| flash throughput over none, batch 16 | >= 1.1 | 1.05 missed |"
     assert lines[6] == "| flash speed-up / bound, batch 1 | >= 0.8 | 0.87 met |"
     assert lines[7] == "| flash tau / flash_nocompress tau, batch 1 | >= 0.98 | 0.97 missed |"
+
+
+def test_target_training_batches_use_the_positions_vllm_serves(tmp_path):
+    """A padded training batch (an image row beside a longer video row) must give the video row the features
+    `hf_features` gives it alone, which test_train checks against vLLM. Without `collate`'s positions, HF would
+    number the text after the video its own way."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vllm_flash import world
+    from vllm_flash.data import hf_features
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    target = REPO_ASSETS / "target"
+    rows = [recipe_mod.encode_split(target, world.write_split(tmp_path, task, "train", 1))[0]
+            for task in ("image_caption", "video_caption")]
+    image, video = rows
+    assert len(image.token_ids) < len(video.token_ids)  # the image row is padded
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(target), dtype=torch.float32).eval()
+    batch = recipe_mod.collate(rows)
+    batch.pop("labels")
+    with torch.no_grad():
+        hidden = model.model(**batch).last_hidden_state
+    torch.testing.assert_close(hidden[1], hf_features(model, video), rtol=1e-4, atol=1e-4)
+    n = len(image.token_ids)
+    torch.testing.assert_close(hidden[0, :n], hf_features(model, image), rtol=1e-4, atol=1e-4)

@@ -132,12 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.ship:
         ship(world, Path(args.assets))
         return 0
-    data = distill_data(target, world / "data" / "train.jsonl", world / "data" / "distill.jsonl", args.rows)
     trainers = {"flash": train_flash, "eagle3": train_eagle3}
     chosen = [name for name in args.drafts.split(",") if name]
     unknown = set(chosen) - set(trainers)
     if unknown:
         raise SystemExit(f"unknown --drafts {sorted(unknown)}; choose from {sorted(trainers)}")
+    data = distill_data(target, world / "data" / "train.jsonl", world / "data" / "distill.jsonl", args.rows)
     report_path = world / "drafts_report.json"
     for name in chosen:
         seconds = trainers[name](target, data, world, args.epochs, args.batch_size, args.lr)
