@@ -3,6 +3,7 @@
 - the target-training recipe's deepening step leaves the model's function unchanged;
 - its vision probe's labels line up with how the processor pairs video frames;
 - its padded training batches give every row the M-RoPE positions vLLM serves;
+- its training rounds carry the vision probe over from one round to the next;
 - `vllm-flash bench` runs every method on the shipped target + drafts (eagle3 included, read natively by vLLM),
   writes latest.json / latest.md / PNG plots, and every method's greedy output equals plain decoding;
 - the README's main job, `vllm-flash demo`, captions held-out media losslessly and judges each caption.
@@ -176,3 +177,30 @@ def test_target_training_batches_use_the_positions_vllm_serves(tmp_path):
     torch.testing.assert_close(hidden[1], hf_features(model, video), rtol=1e-4, atol=1e-4)
     n = len(image.token_ids)
     torch.testing.assert_close(hidden[0, :n], hf_features(model, image), rtol=1e-4, atol=1e-4)
+
+
+def test_target_training_rounds_carry_the_vision_probe_over(tmp_path):
+    """Each round saves the model and its vision probe; the next round starts from both (a fresh random probe
+    would push random gradients into the trained vision tower). At lr 0 the probe must come out unchanged."""
+    from safetensors.torch import load_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vllm_flash import world
+    from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=1, hidden=64, lm_head_scale=1.0)
+    rows = [row for task in ("image_caption", "video_caption")
+            for row in recipe_mod.encode_split(init, world.write_split(tmp_path, task, "train", 1))]
+    recipe = recipe_mod.Recipe(hidden=64, batch_size=2, warmup=1)
+    log = tmp_path / "log.jsonl"
+    previous = init
+    for stage, lr in (("first", 1e-3), ("second", 0.0)):
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(previous, dtype=torch.float32)
+        recipe_mod.train(model, rows, 2, lr, recipe, log, stage, previous, tmp_path / stage)
+        previous = tmp_path / stage
+    first, second = (load_file(tmp_path / s / recipe_mod.PROBE_FILE) for s in ("first", "second"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [x["stage"] for x in logged] == ["first", "first", "second", "second"]
+    assert all(x["probe"] > 0 for x in logged)  # the probe really trained on both the image and the video
