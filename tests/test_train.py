@@ -221,3 +221,9 @@ def test_finished_features_are_reused_and_only_for_their_target(qwen_target, tmp
     other = shutil.copytree(qwen_target, tmp_path / "other_target")
     with pytest.raises(SystemExit, match="were extracted from"):
         main(["train", "--target", str(other), "--out", str(tmp_path / "d2"), *args])
+    # features from before the served video positions (no format field) are refused, not trained on
+    index = json.loads((features / "index.json").read_text())
+    del index["format"]
+    (features / "index.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match="format 1, this vllm-flash writes format 2"):
+        main(["train", "--target", str(qwen_target), "--out", str(tmp_path / "d3"), *args])

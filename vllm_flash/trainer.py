@@ -70,6 +70,11 @@ def regenerate_answers(target: Path, conversations: list[Conversation], processo
     return regenerated
 
 
+# Bump when what a feature directory holds changes meaning, so older directories are refused, not reused.
+# 2: video rows carry the M-RoPE positions vLLM serves (1 fps, text resumed past the video's last position).
+FEATURES_FORMAT = 2
+
+
 def extract_features(target: Path, data: Path, feature_dir: Path, *, max_len: int = 2048,
                      image_root: Path | None = None, regenerate: bool = False, regenerate_tokens: int = 128,
                      progress: bool = True, feature_dtype: torch.dtype = torch.float32
@@ -94,7 +99,8 @@ def extract_features(target: Path, data: Path, feature_dir: Path, *, max_len: in
         if encoded is None:
             continue
         writer.add(encoded.token_ids, hf_features(model, encoded), encoded.frames, encoded.target_from)
-    writer.close({"target": str(Path(target).resolve()), "data": str(data), "bad_rows": dict(report.counts)})
+    writer.close({"format": FEATURES_FORMAT, "target": str(Path(target).resolve()), "data": str(data),
+                  "bad_rows": dict(report.counts)})
     return writer.count, report
 
 
@@ -130,6 +136,10 @@ def run_train(args) -> int:
         if index.get("target") and Path(index["target"]).resolve() != target.resolve():
             raise SystemExit(f"vllm-flash train: features in {feature_dir} were extracted from {index['target']}, "
                              f"not from {target}")
+        if index.get("format", 1) != FEATURES_FORMAT:
+            raise SystemExit(f"vllm-flash train: features in {feature_dir} are in format {index.get('format', 1)}, "
+                             f"this vllm-flash writes format {FEATURES_FORMAT} (older video features carry "
+                             f"positions vLLM does not serve); delete the folder to extract them again")
         print(f"reusing {index['num_samples']} samples of features in {feature_dir}")
         bad_rows = index.get("bad_rows", {})
     else:
