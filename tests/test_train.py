@@ -227,3 +227,49 @@ def test_finished_features_are_reused_and_only_for_their_target(qwen_target, tmp
     (features / "index.json").write_text(json.dumps(index))
     with pytest.raises(SystemExit, match="format 1, this vllm-flash writes format 2"):
         main(["train", "--target", str(qwen_target), "--out", str(tmp_path / "d3"), *args])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_training_positions_are_laid_out_as_vllm_lays_them_out(family):
+    """`served_mrope_positions` against vLLM's own `get_mrope_input_positions` for a row of text, an image, a
+    video and a second image. Qwen2.5-VL steps a video's time by tokens_per_second x second_per_grid_t;
+    Qwen2-VL has neither (its processor gives no frame timing, vLLM defaults both to 1)."""
+    from types import SimpleNamespace as NS
+
+    from vllm.model_executor.models import qwen2_5_vl, qwen2_vl
+
+    from vllm_flash.data import served_mrope_positions
+
+    # (kind, text length) or (kind, grid t, h, w) in patches; 2x2 patches merge into one token
+    blocks = [("text", 3), ("image", 1, 4, 6), ("text", 2), ("video", 3, 4, 4), ("text", 4), ("image", 1, 2, 2),
+              ("text", 1)]
+    types, features, grids = [], [], {"image": [], "video": []}
+    for block in blocks:
+        if block[0] == "text":
+            types += [0] * block[1]
+            continue
+        kind, t, h, w = block
+        grid = torch.tensor([t, h, w])
+        data = {f"{kind}_grid_thw": NS(data=grid)}
+        if kind == "video" and family == "qwen2_5_vl":
+            data["second_per_grid_ts"] = NS(data=torch.tensor(2.0))  # 2 frames per pair at 1 fps
+        features.append(NS(modality=kind, mm_position=NS(offset=len(types)), data=data))
+        grids[kind].append(grid)
+        types += [1 if kind == "image" else 2] * (t * h * w // 4)
+    vision = NS(spatial_merge_size=2, **({"tokens_per_second": 4} if family == "qwen2_5_vl" else {}))
+    model_cls = (qwen2_5_vl.Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl"
+                 else qwen2_vl.Qwen2VLForConditionalGeneration)
+    fake = NS(config=NS(vision_config=vision))
+    fake.iter_mm_grid_thw = lambda feats: model_cls.iter_mm_grid_thw(fake, feats)
+    expected, _ = model_cls.get_mrope_input_positions(fake, [0] * len(types), features)
+
+    inputs = {"mm_token_type_ids": torch.tensor([types]), "image_grid_thw": torch.stack(grids["image"]),
+              "video_grid_thw": torch.stack(grids["video"])}
+    if family == "qwen2_5_vl":
+        inputs["second_per_grid_ts"] = [2.0]
+    facts = {"spatial_merge_size": 2, "tokens_per_second": getattr(vision, "tokens_per_second", None)}
+    got = served_mrope_positions(inputs, facts)
+    assert torch.equal(got, expected.long())
+    video_time = expected[0, [i for i, k in enumerate(types) if k == 2]].unique().tolist()
+    step = 8 if family == "qwen2_5_vl" else 1
+    assert video_time == [video_time[0] + step * i for i in range(3)]  # the layout is not trivially flat
