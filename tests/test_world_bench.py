@@ -4,6 +4,7 @@
 - its vision probe's labels line up with how the processor pairs video frames;
 - its padded training batches give every row the M-RoPE positions vLLM serves;
 - its training rounds carry the vision probe over from one round to the next;
+- diagnose_target.py scores a batch as training does;
 - `vllm-flash bench` runs every method on the shipped target + drafts (eagle3 included, read natively by vLLM),
   writes latest.json / latest.md / PNG plots, and every method's greedy output equals plain decoding;
 - the README's main job, `vllm-flash demo`, captions held-out media losslessly and judges each caption.
@@ -204,3 +205,26 @@ def test_target_training_rounds_carry_the_vision_probe_over(tmp_path):
     logged = [json.loads(line) for line in log.read_text().splitlines()]
     assert [x["stage"] for x in logged] == ["first", "first", "second", "second"]
     assert all(x["probe"] > 0 for x in logged)  # the probe really trained on both the image and the video
+
+
+def test_target_diagnosis_scores_what_training_scores(tmp_path):
+    """diagnose_target's loss over one batch is the training loss of that batch, and its accuracy and missed
+    words count the same label tokens."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from vllm_flash import world
+    from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    diagnose_mod = _load(ROOT / "benchmarks" / "world" / "diagnose_target.py")
+    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=1, hidden=64, lm_head_scale=1.0)
+    rows = [row for task in ("image_caption", "video_caption")
+            for row in recipe_mod.encode_split(init, world.write_split(tmp_path, task, "train", 1))]
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32).eval()
+    got = diagnose_mod.diagnose(model, rows, AutoTokenizer.from_pretrained(init))
+    with torch.no_grad():
+        expected = model(**recipe_mod.collate(rows)).loss.item()
+    assert abs(got["loss"] - expected) < 1e-3
+    labels = sum(len(r.token_ids) - r.target_from for r in rows)
+    missed_in_top = sum(int(x.split("/")[0]) for _, x in got["most_missed"])
+    assert 0 < missed_in_top <= labels - round(got["token_accuracy"] * labels)  # an untrained model misses words
