@@ -3,7 +3,8 @@
 - the target-training recipe's deepening step leaves the model's function unchanged;
 - its vision probe's labels line up with how the processor pairs video frames;
 - its padded training batches give every row the M-RoPE positions vLLM serves;
-- its training rounds carry the vision probe over from one round to the next;
+- its training rounds carry the vision probe over from one round to the next, and each trains on the first
+  rows of each task that it names;
 - diagnose_target.py scores a batch as training does;
 - `vllm-flash bench` runs every method on the shipped target + drafts (eagle3 included, read natively by vLLM),
   writes latest.json / latest.md / PNG plots, and every method's greedy output equals plain decoding;
@@ -205,6 +206,29 @@ def test_target_training_rounds_carry_the_vision_probe_over(tmp_path):
     logged = [json.loads(line) for line in log.read_text().splitlines()]
     assert [x["stage"] for x in logged] == ["first", "first", "second", "second"]
     assert all(x["probe"] > 0 for x in logged)  # the probe really trained on both the image and the video
+
+
+def test_target_training_rounds_train_on_the_first_rows_they_name(tmp_path):
+    """A round that asks for more rows of a task gets the data rewritten with them; the rows it shares with a
+    smaller round are the same examples, and each round trains only on its own first rows."""
+    from types import SimpleNamespace
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    few = {"image_caption": 1, "visual_qa": 0, "video_caption": 1}
+    more = {**few, "video_caption": 2}
+    small = recipe_mod.Recipe(heldout=1, shallow_rounds=((1, 1e-3, few),))
+    data = recipe_mod.write_data(tmp_path, small)
+    before = {json.loads(line)["id"]: line for line in (data / "train.jsonl").read_text().splitlines()}
+    assert sorted(before) == ["image_caption-train-0", "video_caption-train-0"]
+    large = recipe_mod.Recipe(heldout=1, shallow_rounds=((1, 1e-3, few), (1, 1e-3, more)))
+    assert recipe_mod.train_rows(large) == more
+    recipe_mod.write_data(tmp_path, large)
+    after = {json.loads(line)["id"]: line for line in (data / "train.jsonl").read_text().splitlines()}
+    assert sorted(after) == ["image_caption-train-0", "video_caption-train-0", "video_caption-train-1"]
+    assert all(after[k] == before[k] for k in before)
+    samples = [SimpleNamespace(row_id=k) for k in after] + [SimpleNamespace(row_id="visual_qa-train-0")]
+    assert sorted(s.row_id for s in recipe_mod.first_rows(samples, few)) == sorted(before)
+    assert len(recipe_mod.first_rows(samples, more)) == 3
 
 
 def test_target_diagnosis_scores_what_training_scores(tmp_path):
