@@ -4,7 +4,7 @@
 - its vision probe's labels line up with how the processor pairs video frames;
 - its padded training batches give every row the M-RoPE positions vLLM serves;
 - its training rounds carry the vision probe over from one round to the next, and each trains on the first
-  rows of each task that it names;
+  rows of each task that it names; the drafts learn from an equal share of each task;
 - diagnose_target.py scores a batch as training does;
 - `vllm-flash bench` runs every method on the shipped target + drafts (eagle3 included, read natively by vLLM),
   writes latest.json / latest.md / PNG plots, and every method's greedy output equals plain decoding;
@@ -229,6 +229,17 @@ def test_target_training_rounds_train_on_the_first_rows_they_name(tmp_path):
     samples = [SimpleNamespace(row_id=k) for k in after] + [SimpleNamespace(row_id="visual_qa-train-0")]
     assert sorted(s.row_id for s in recipe_mod.first_rows(samples, few)) == sorted(before)
     assert len(recipe_mod.first_rows(samples, more)) == 3
+
+
+def test_drafts_learn_from_an_equal_share_of_each_task(tmp_path):
+    """The drafts' distilled rows are the first rows of each task, as many of each, even though the target
+    trained on more clips than images."""
+    drafts_mod = _load(ROOT / "benchmarks" / "world" / "train_drafts.py")
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    rows = {"image_caption": 2, "visual_qa": 2, "video_caption": 4}
+    data = recipe_mod.write_data(tmp_path, recipe_mod.Recipe(heldout=1, shallow_rounds=((1, 1e-3, rows),)))
+    chosen = [json.loads(line)["id"] for line in drafts_mod.distill_rows(data, 6)]
+    assert sorted(chosen) == sorted(f"{task}-train-{i}" for task in rows for i in range(2))
 
 
 def test_target_diagnosis_scores_what_training_scores(tmp_path):

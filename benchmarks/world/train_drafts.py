@@ -2,7 +2,7 @@
 FLASH (K=4, C=8 latents per 16-token image or video frame pair), FLASH without compression, FLASH with K=1, and
 EAGLE-3 (vLLM's `eagle3`, trained with the `speculators` library through benchmarks/eagle3/).
 
-The data: the first N rows of the world's training split with their answers replaced by the target's own
+The data: the first N / 3 rows of each task's training split with their answers replaced by the target's own
 greedy answers (self-distillation, as FLASH trains), written once as LLaVA JSONL so that every draft reads
 the same file. The FLASH variants also share one set of extracted features.
 
@@ -26,6 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from vllm_flash import world as toy_world  # noqa: E402
+
 # C = 8 latents per 16-token image or frame pair: with C = 4 the first world's FLASH lost 7-24% of
 # flash_nocompress's tau (2 epochs of training), far more than the 2% the benchmark allows
 FLASH_VARIANTS = {"flash": ["--k", "4", "--latents", "8"],
@@ -33,8 +35,15 @@ FLASH_VARIANTS = {"flash": ["--k", "4", "--latents", "8"],
                   "flash_k1": ["--k", "1", "--latents", "8"]}
 
 
-def distill_data(target: Path, train_jsonl: Path, out: Path, rows: int) -> Path:
-    """The first `rows` training rows, answered by the target itself (greedy, through vLLM)."""
+def distill_rows(data: Path, rows: int) -> list[str]:
+    """The first `rows` / 3 training rows of each task: an equal share per task, as the benchmark weighs them,
+    whatever mix the target itself trained on."""
+    return [line for task in toy_world.TASKS
+            for line in (data / f"{task}-train.jsonl").read_text().splitlines()[:rows // len(toy_world.TASKS)]]
+
+
+def distill_data(target: Path, data: Path, out: Path, rows: int) -> Path:
+    """`distill_rows`, answered by the target itself (greedy, through vLLM)."""
     if out.exists():
         return out
     from transformers import AutoProcessor
@@ -44,11 +53,11 @@ def distill_data(target: Path, train_jsonl: Path, out: Path, rows: int) -> Path:
     from vllm_flash.trainer import regenerate_answers
 
     engine_env()
-    lines = train_jsonl.read_text().splitlines()[:rows]
+    lines = distill_rows(data, rows)
     subset = out.with_suffix(".source.jsonl")
     subset.write_text("\n".join(lines) + "\n")
     report = BadDataReport()
-    conversations = list(read_conversations(subset, report, image_root=train_jsonl.parent))
+    conversations = list(read_conversations(subset, report, image_root=data))
     processor = AutoProcessor.from_pretrained(target)
     answered = regenerate_answers(target, conversations, processor, max_tokens=160)
     by_id = {c.row_id: c.answers[0].strip() for c in answered}
@@ -115,7 +124,7 @@ def ship(world: Path, assets: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world", default=str(ROOT / "build" / "world"), help="train_target.py's output folder")
-    p.add_argument("--rows", type=int, default=1500, help="training rows the drafts learn from")
+    p.add_argument("--rows", type=int, default=1500, help="training rows the drafts learn from, an equal share per task")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(chosen) - set(trainers)
     if unknown:
         raise SystemExit(f"unknown --drafts {sorted(unknown)}; choose from {sorted(trainers)}")
-    data = distill_data(target, world / "data" / "train.jsonl", world / "data" / "distill.jsonl", args.rows)
+    data = distill_data(target, world / "data", world / "data" / "distill.jsonl", args.rows)
     report_path = world / "drafts_report.json"
     for name in chosen:
         seconds = trainers[name](target, data, world, args.epochs, args.batch_size, args.lr)
