@@ -210,7 +210,8 @@ def test_target_training_rounds_carry_the_vision_probe_over(tmp_path):
 
 def test_target_training_rounds_train_on_the_first_rows_they_name(tmp_path):
     """A round that asks for more rows of a task gets the data rewritten with them; the rows it shares with a
-    smaller round are the same examples, and each round trains only on its own first rows."""
+    smaller round are the same examples, and each round trains only on its own first rows. Data written for
+    another mix of the same size is rewritten too."""
     from types import SimpleNamespace
 
     recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
@@ -229,6 +230,9 @@ def test_target_training_rounds_train_on_the_first_rows_they_name(tmp_path):
     samples = [SimpleNamespace(row_id=k) for k in after] + [SimpleNamespace(row_id="visual_qa-train-0")]
     assert sorted(s.row_id for s in recipe_mod.first_rows(samples, few)) == sorted(before)
     assert len(recipe_mod.first_rows(samples, more)) == 3
+    other_mix = {**few, "image_caption": 2}  # as many rows in all, but not the same ones
+    recipe_mod.write_data(tmp_path, recipe_mod.Recipe(heldout=1, shallow_rounds=((1, 1e-3, other_mix),)))
+    assert recipe_mod.written_rows(data / "train.jsonl") == other_mix
 
 
 def test_drafts_learn_from_an_equal_share_of_each_task(tmp_path):

@@ -79,10 +79,18 @@ def train_rows(recipe: Recipe) -> dict:
     return {task: max(rows.get(task, 0) for _, _, rows in recipe.shallow_rounds) for task in world.TASKS}
 
 
+def written_rows(jsonl: Path) -> dict:
+    """Rows per task in a written split (ids are "{task}-{split}-{index}")."""
+    counts = {task: 0 for task in world.TASKS}
+    for line in jsonl.read_text().splitlines() if jsonl.exists() else []:
+        counts[json.loads(line)["id"].rsplit("-", 2)[0]] += 1
+    return counts
+
+
 def write_data(out: Path, recipe: Recipe) -> Path:
     data = out / "data"
     train = train_rows(recipe)
-    if (data / "train.jsonl").exists() and len((data / "train.jsonl").read_text().splitlines()) == sum(train.values()):
+    if written_rows(data / "train.jsonl") == train:
         return data
     for split, counts in (("train", train), ("heldout", {t: recipe.heldout for t in world.TASKS})):
         lines = []
