@@ -348,17 +348,24 @@ def main(argv: list[str] | None = None) -> int:
     log = out / "train_target.log"
     data = write_data(out, recipe)
     init = build_shallow(out, recipe)
-    train_set = encode_split(init, data / "train.jsonl")
     report_path = out / "target_report.json"
     report: dict = json.loads(report_path.read_text()) if report_path.exists() else {}
-    report.update({"recipe": asdict(recipe), "train_examples": len(train_set)})
+    report["recipe"] = asdict(recipe)
     torch.manual_seed(recipe.seed)
+    encoded: list = []
+
+    def rows_of(rows: dict) -> list:
+        """A round's training rows, encoded the first time a stage still has to train (it takes minutes)."""
+        if not encoded:
+            encoded.extend(encode_split(init, data / "train.jsonl"))
+            report["train_examples"] = len(encoded)
+        return first_rows(encoded, rows)
 
     previous = init
     for round_index, (epochs, lr, rows) in enumerate(recipe.shallow_rounds):
         shallow_dir = out / ("shallow" if round_index == 0 else f"shallow-{round_index + 1}")
-        round_set = first_rows(train_set, rows)
         if not (shallow_dir / "config.json").exists():
+            round_set = rows_of(rows)
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(previous, dtype=torch.float32)
             steps = int(epochs * len(round_set) / recipe.batch_size)
             t0 = time.time()
@@ -373,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (deep_dir / "config.json").exists():
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(deep_init, dtype=torch.float32)
         t0 = time.time()
-        train(model, round_set, recipe.deep_steps, recipe.deep_lr, recipe, log, "deep", shallow_dir, deep_dir)
+        # on the last round's rows
+        train(model, rows_of(rows), recipe.deep_steps, recipe.deep_lr, recipe, log, "deep", shallow_dir, deep_dir)
         report["deep_train_s"] = round(time.time() - t0)
         report_path.write_text(json.dumps(report, indent=1))
     target = out / "target"
