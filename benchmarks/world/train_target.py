@@ -74,16 +74,22 @@ def world_corpus(n: int = 3000) -> list[str]:
     return texts + ["user assistant system\n"]
 
 
+def parse_row_id(row_id: str) -> tuple[str, str, int]:
+    """(task, split, index) of a generated row's id, "{task}-{split}-{index}" (`world.write_split`)."""
+    task, split, index = row_id.rsplit("-", 2)
+    return task, split, int(index)
+
+
 def train_rows(recipe: Recipe) -> dict:
     """Rows per task that some round trains on."""
     return {task: max(rows.get(task, 0) for _, _, rows in recipe.shallow_rounds) for task in world.TASKS}
 
 
 def written_rows(jsonl: Path) -> dict:
-    """Rows per task in a written split (ids are "{task}-{split}-{index}")."""
+    """Rows per task in a written split."""
     counts = {task: 0 for task in world.TASKS}
     for line in jsonl.read_text().splitlines() if jsonl.exists() else []:
-        counts[json.loads(line)["id"].rsplit("-", 2)[0]] += 1
+        counts[parse_row_id(json.loads(line)["id"])[0]] += 1
     return counts
 
 
@@ -125,11 +131,11 @@ def encode_split(target: Path, jsonl: Path) -> list:
 
 
 def first_rows(samples: list, rows: dict) -> list:
-    """The samples among the first `rows[task]` rows of their task (ids are "{task}-{split}-{index}")."""
+    """The samples among the first `rows[task]` rows of their task."""
     chosen = []
     for s in samples:
-        task, _, index = s.row_id.rsplit("-", 2)
-        if int(index) < rows.get(task, 0):
+        task, _, index = parse_row_id(s.row_id)
+        if index < rows.get(task, 0):
             chosen.append(s)
     return chosen
 
@@ -167,8 +173,8 @@ FRAMES_PER_GROUP = 2  # Qwen2.5-VL embeds frames in pairs (temporal patch 2); an
 def scene_labels(row_id: str) -> torch.Tensor:
     """(groups, 2, 9, 3) class ids of what each grid cell holds in each frame of each of a row's visual token
     groups, for the vision probe. The processor pads an odd clip with its last frame, and so does this."""
-    task, split, index = row_id.rsplit("-", 2)
-    scenes = world.example(task, world.SPLIT_SEEDS[split] + int(index))["scenes"]
+    task, split, index = parse_row_id(row_id)
+    scenes = world.example(task, world.SPLIT_SEEDS[split] + index)["scenes"]
     if task != "video_caption":
         scenes = scenes * FRAMES_PER_GROUP
     scenes = scenes + scenes[-1:] * (-len(scenes) % FRAMES_PER_GROUP)
@@ -380,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (deep_dir / "config.json").exists():
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(deep_init, dtype=torch.float32)
         t0 = time.time()
-        # on the last round's rows
-        train(model, rows_of(rows), recipe.deep_steps, recipe.deep_lr, recipe, log, "deep", shallow_dir, deep_dir)
+        deep_set = rows_of(recipe.shallow_rounds[-1][2])  # the last round's rows
+        train(model, deep_set, recipe.deep_steps, recipe.deep_lr, recipe, log, "deep", shallow_dir, deep_dir)
         report["deep_train_s"] = round(time.time() - t0)
         report_path.write_text(json.dumps(report, indent=1))
     target = out / "target"
