@@ -12,6 +12,7 @@
 """
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -87,6 +88,44 @@ def test_shipped_assets_are_small_bf16_safetensors():
         assert dtypes <= {"BF16", "I64", "I32", "BOOL"}, (f, dtypes)
     for method in METHODS[2:]:
         assert (REPO_ASSETS / "drafts" / method / "config.json").exists(), method
+
+
+def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(tmp_path, monkeypatch):
+    """`train_target.py --quick` trains, deepens, fine-tunes and exports a bf16 target that vLLM serves and
+    scores. Run again, it trains and encodes nothing; with the deep stages removed, it trains only those."""
+    from safetensors import safe_open
+
+    from vllm_flash import world
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    out = tmp_path / "world"
+    assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
+    log = out / "train_target.log"
+
+    def stages() -> list:
+        return [json.loads(line)["stage"] for line in log.read_text().splitlines()]
+
+    first_run = stages()
+    assert set(first_run) == {"shallow-1", "deep"}
+    accuracy = json.loads((out / "target_report.json").read_text())["heldout_exact_match"]
+    assert set(accuracy) == set(world.TASKS)
+    assert all(0 <= a[k] <= 1 for a in accuracy.values() for k in ("exact_match", "word_accuracy"))
+    with safe_open(out / "target" / "model.safetensors", "pt") as st:
+        assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"BF16"}
+    assert json.loads((out / "target" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 8
+
+    monkeypatch.setattr(recipe_mod, "heldout_accuracy", lambda target, n: {"scored": str(target)})
+    encodings = []
+    real_encode = recipe_mod.encode_split
+    monkeypatch.setattr(recipe_mod, "encode_split", lambda *a: encodings.append(a) or real_encode(*a))
+    assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
+    assert stages() == first_run and not encodings
+    for stage in ("deep", "target"):
+        shutil.rmtree(out / stage)
+    assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
+    assert stages()[len(first_run):] == ["deep"] * first_run.count("deep") and len(encodings) == 1
+    assert json.loads((out / "target_report.json").read_text())["heldout_exact_match"] == {
+        "scored": str(out / "target")}
 
 
 # Runs before the bench test: once vLLM's ngram proposer has imported numba in this process, vLLM 0.32 cannot
