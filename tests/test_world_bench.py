@@ -5,7 +5,7 @@
 - its padded training batches give every row the M-RoPE positions vLLM serves;
 - its training rounds carry the vision probe over from one round to the next, and each trains on the first
   rows of each task that it names; the drafts learn from an equal share of each task;
-- diagnose_target.py scores a batch as training does;
+- diagnose_target.py scores a batch as training does, and finds each move's axis and frame pair;
 - `vllm-flash bench` runs every method on the shipped target + drafts (eagle3 included, read natively by vLLM),
   writes latest.json / latest.md / PNG plots, and every method's greedy output equals plain decoding;
 - the README's main job, `vllm-flash demo`, captions held-out media losslessly and judges each caption.
@@ -306,3 +306,32 @@ def test_target_diagnosis_scores_what_training_scores(tmp_path):
     labels = sum(len(r.token_ids) - r.target_from for r in rows)
     missed_in_top = sum(int(x.split("/")[0]) for _, x in got["most_missed"])
     assert 0 < missed_in_top <= labels - round(got["token_accuracy"] * labels)  # an untrained model misses words
+
+
+def test_target_diagnosis_finds_each_moves_axis_and_frame_pair():
+    """diagnose_target's move-direction count, checked against the generator's own frames: every move of every
+    clip, its axis from the cells it left and entered, inside a frame pair when it ends on an odd frame."""
+    import re
+
+    from vllm_flash import world
+
+    diagnose_mod = _load(ROOT / "benchmarks" / "world" / "diagnose_target.py")
+    moves_seen = 0
+    for seed in range(30):
+        ex = world.example("video_caption", seed)
+        expected = []
+        for k in range(1, len(ex["scenes"])):
+            before, after = ({(o.shape, o.color, o.size, o.row, o.col) for o in frame}
+                             for frame in ex["scenes"][k - 1:k + 1])
+            if len(before) == len(after) and before != after:  # a move (appear / disappear change the count)
+                (left,), (entered,) = before - after, after - before
+                axis = "vertical" if left[3] != entered[3] else "horizontal"
+                expected.append((axis, "inside a frame pair" if k % 2 else "across frame pairs"))
+        words = re.findall(r"\w+|[.,]", ex["answer"])
+        hits = [i % 3 != 0 for i in range(len(words))]  # the hit of each word must come through unchanged
+        got = list(diagnose_mod.move_directions(words, hits))
+        assert [g[:2] for g in got] == expected, ex["answer"]
+        assert [g[2] for g in got] == [hits[i] for i in range(1, len(words)) if words[i - 1] == "moves"]
+        moves_seen += len(expected)
+    assert moves_seen > 20
+

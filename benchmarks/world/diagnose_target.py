@@ -1,5 +1,7 @@
 """Where the toy target goes wrong: teacher-forced loss and next-token accuracy per task on training and on
-held-out rows (equal: under-fitted, train better: over-fitted), and the reference words it misses most.
+held-out rows (equal: under-fitted, train better: over-fitted), the reference words it misses most, and how
+often it misses the direction of a move in a video caption, by axis and by whether the move happens inside
+one of the frame pairs that Qwen2.5-VL's vision tower sees together or across two pairs.
 
     .venv/bin/python benchmarks/world/diagnose_target.py --world build/world --stages shallow-4,deep
 
@@ -33,24 +35,45 @@ def rows(world: Path, task: str, split: str, n: int) -> list:
         subset.unlink()
 
 
+DIRECTION_AXIS = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "vertical"}
+
+
+def move_directions(words: list[str], hits: list[bool]):
+    """(axis, where, hit) for each move's direction word in one video caption's words. The caption's event k
+    (k = 1, 2, ...; sentence k + 1 after the frame count and the first scene) is the change from frame k - 1 to
+    frame k, and the vision tower sees frames 2j and 2j + 1 together, so an odd k happens inside one pair."""
+    sentence = 0
+    for i, (word, hit) in enumerate(zip(words, hits)):
+        if i and words[i - 1] == "moves" and word in DIRECTION_AXIS:
+            k = sentence - 1
+            yield DIRECTION_AXIS[word], "inside a frame pair" if k % 2 else "across frame pairs", hit
+        sentence += word.endswith(".")
+
+
 @torch.no_grad()
 def diagnose(model, samples: list, tokenizer, batch_size: int = 8) -> dict:
     loss, right, total = 0.0, 0, 0
     missed, seen = collections.Counter(), collections.Counter()
+    directions = collections.defaultdict(lambda: [0, 0])  # (axis, where) -> [missed, seen]
     for i in range(0, len(samples), batch_size):
         batch = train_target.collate(samples[i:i + batch_size])
-        logits = model(**batch).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        keep = labels != -100
-        loss += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
-        hit = logits[keep].argmax(-1) == labels[keep]
-        right += hit.sum().item()
-        total += keep.sum().item()
-        words = [tokenizer.decode([t]).strip() for t in labels[keep].tolist()]
-        seen.update(words)
-        missed.update(w for w, h in zip(words, hit.tolist()) if not h)
+        for logits, labels in zip(model(**batch).logits[:, :-1], batch["labels"][:, 1:]):
+            keep = labels != -100
+            logits, labels = logits[keep], labels[keep]
+            loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            hits = (logits.argmax(-1) == labels).tolist()
+            right += sum(hits)
+            total += len(hits)
+            words = [tokenizer.decode([t]).strip() for t in labels.tolist()]
+            seen.update(words)
+            missed.update(w for w, h in zip(words, hits) if not h)
+            for axis, where, hit in move_directions(words, hits):
+                directions[(axis, where)][0] += not hit
+                directions[(axis, where)][1] += 1
     worst = [(w, f"{missed[w]}/{seen[w]}") for w, _ in missed.most_common(8)]
-    return {"loss": round(loss / total, 4), "token_accuracy": round(right / total, 4), "most_missed": worst}
+    return {"loss": round(loss / total, 4), "token_accuracy": round(right / total, 4), "most_missed": worst,
+            "move_direction_missed": {f"{axis}, {where}": f"{m}/{n}"
+                                      for (axis, where), (m, n) in sorted(directions.items())}}
 
 
 def main(argv: list[str] | None = None) -> int:
