@@ -230,7 +230,8 @@ def test_target_training_rounds_carry_the_vision_probe_over(tmp_path):
     from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
 
     recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
-    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=1, hidden=64, lm_head_scale=1.0)
+    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=1, hidden=64, lm_head_scale=1.0, vocab_size=512,
+                                 corpus=recipe_mod.world_corpus(200))
     rows = [row for task in ("image_caption", "video_caption")
             for row in recipe_mod.encode_split(init, world.write_split(tmp_path, task, "train", 1))]
     recipe = recipe_mod.Recipe(hidden=64, batch_size=2, warmup=1)
@@ -286,8 +287,9 @@ def test_drafts_learn_from_an_equal_share_of_each_task(tmp_path):
 
 
 def test_target_diagnosis_scores_what_training_scores(tmp_path):
-    """diagnose_target's loss over one batch is the training loss of that batch, and its accuracy and missed
-    words count the same label tokens."""
+    """diagnose_target's loss over one batch is the training loss of that batch, its accuracy and missed
+    words count the same label tokens, and it counts the clip's moves (the world's word-level tokenizer, as the
+    target's, so that "moves" and its direction are words)."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from vllm_flash import world
@@ -295,7 +297,8 @@ def test_target_diagnosis_scores_what_training_scores(tmp_path):
 
     recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
     diagnose_mod = _load(ROOT / "benchmarks" / "world" / "diagnose_target.py")
-    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=1, hidden=64, lm_head_scale=1.0)
+    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=1, hidden=64, lm_head_scale=1.0, vocab_size=512,
+                                 corpus=recipe_mod.world_corpus(200))
     rows = [row for task in ("image_caption", "video_caption")
             for row in recipe_mod.encode_split(init, world.write_split(tmp_path, task, "train", 1))]
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32).eval()
@@ -306,6 +309,9 @@ def test_target_diagnosis_scores_what_training_scores(tmp_path):
     labels = sum(len(r.token_ids) - r.target_from for r in rows)
     missed_in_top = sum(int(x.split("/")[0]) for _, x in got["most_missed"])
     assert 0 < missed_in_top <= labels - round(got["token_accuracy"] * labels)  # an untrained model misses words
+    # the clip (training row 0) moves three objects up, as its events 3, 4 and 5: two inside a frame pair
+    seen = {where: int(x.split("/")[1]) for where, x in got["move_direction_missed"].items()}
+    assert seen == {"vertical, inside a frame pair": 2, "vertical, across frame pairs": 1}
 
 
 def test_target_diagnosis_finds_each_moves_axis_and_frame_pair():

@@ -41,12 +41,14 @@ DIRECTION_AXIS = {"left": "horizontal", "right": "horizontal", "up": "vertical",
 def move_directions(words: list[str], hits: list[bool]):
     """(axis, where, hit) for each move's direction word in one video caption's words. The caption's event k
     (k = 1, 2, ...; sentence k + 1 after the frame count and the first scene) is the change from frame k - 1 to
-    frame k, and the vision tower sees frames 2j and 2j + 1 together, so an odd k happens inside one pair."""
+    frame k, and the vision tower sees each group of FRAMES_PER_GROUP frames (a pair) together."""
+    group = train_target.FRAMES_PER_GROUP
     sentence = 0
     for i, (word, hit) in enumerate(zip(words, hits)):
         if i and words[i - 1] == "moves" and word in DIRECTION_AXIS:
             k = sentence - 1
-            yield DIRECTION_AXIS[word], "inside a frame pair" if k % 2 else "across frame pairs", hit
+            inside = (k - 1) // group == k // group
+            yield DIRECTION_AXIS[word], "inside a frame pair" if inside else "across frame pairs", hit
         sentence += word.endswith(".")
 
 
