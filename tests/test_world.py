@@ -5,7 +5,7 @@ import json
 import pytest
 
 from vllm_flash.data import BadDataReport, read_conversations
-from vllm_flash.world import COLORS, TASKS, example, render, sample_scene, write_split
+from vllm_flash.world import COLORS, NUMBERS, TASKS, example, render, sample_scene, write_split
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -55,3 +55,29 @@ def test_written_split_reads_through_the_training_pipeline(task, tmp_path):
         assert all(c.videos and 4 <= len(c.videos[0]) <= 8 for c in conversations)
     else:
         assert all(len(c.images) == 1 for c in conversations)
+
+
+def test_clip_grammars_word_the_same_frames_and_name_each_move():
+    """Both clip grammars describe the same frames; each move names the cell the object entered, and the first
+    grammar also its direction, as the cells differ."""
+    directions = {(0, 1): "right", (0, -1): "left", (1, 0): "down", (-1, 0): "up"}
+    moves = 0
+    for seed in range(40):
+        now, first = (example("video_caption", seed, grammar) for grammar in ("destination", "direction"))
+        assert now["scenes"] == first["scenes"]
+        said_now = [s for s in now["answer"].split(". ") if " moves " in s]
+        said_first = [s for s in first["answer"].split(". ") if " moves " in s]
+        for k in range(1, len(now["scenes"])):
+            before, after = ({(o.shape, o.color, o.size, o.row, o.col) for o in f} for f in now["scenes"][k - 1:k + 1])
+            if len(before) == len(after) and before != after:
+                (left,), (entered,) = before - after, after - before
+                place = next(o.place for o in now["scenes"][k] if (o.row, o.col) == entered[3:])
+                step = directions[(entered[3] - left[3], entered[4] - left[4])]
+                assert said_now.pop(0) == f"The {left[1]} {left[0]} moves to {place}".rstrip(".")
+                assert said_first.pop(0) == f"The {left[1]} {left[0]} moves {step} to {place}".rstrip(".")
+                moves += 1
+        end = len(now["scenes"][-1])
+        assert now["answer"].endswith("there is one object." if end == 1 else f"there are {NUMBERS[end]} objects.")
+    assert moves > 20
+    with pytest.raises(ValueError, match="clip grammar"):
+        example("video_caption", 0, "backwards")

@@ -106,7 +106,8 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
         return [json.loads(line)["stage"] for line in log.read_text().splitlines()]
 
     first_run = stages()
-    assert set(first_run) == {"shallow-1", "deep"}
+    assert set(first_run) == {"shallow-1", "shallow-2", "deep"}
+    assert (out / "data" / "train.direction.jsonl").exists()  # the first round's clips, in the first grammar
     accuracy = json.loads((out / "target_report.json").read_text())["heldout_exact_match"]
     assert set(accuracy) == set(world.TASKS)
     assert all(0 <= a[k] <= 1 for a in accuracy.values() for k in ("exact_match", "word_accuracy"))
@@ -286,10 +287,37 @@ def test_drafts_learn_from_an_equal_share_of_each_task(tmp_path):
     assert sorted(chosen) == sorted(f"{task}-train-{i}" for task in rows for i in range(2))
 
 
+def test_target_data_is_rewritten_for_a_new_grammar_and_earlier_rounds_get_theirs(tmp_path):
+    """Rows written before the world's clip grammar changed are written again; a round trained on the first
+    grammar gets the same rows and frames with their clip captions in it."""
+    from vllm_flash import world
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    rows = {"image_caption": 2, "visual_qa": 2, "video_caption": 3}
+    recipe = recipe_mod.Recipe(heldout=1, shallow_rounds=((1, 1e-3, rows),))
+    train = recipe_mod.write_data(tmp_path, recipe) / "train.jsonl"
+    first = recipe_mod.in_grammar(train, "direction")
+    now_rows, first_rows = ([json.loads(line) for line in p.read_text().splitlines()] for p in (train, first))
+    assert recipe_mod.in_grammar(train, "destination") == train
+    for now, then in zip(now_rows, first_rows):
+        assert {k: v for k, v in now.items() if k != "conversations"} == {
+            k: v for k, v in then.items() if k != "conversations"}
+        task, _, index = recipe_mod.parse_row_id(now["id"])
+        answers = [row["conversations"][-1]["value"] for row in (now, then)]
+        assert answers == [world.example(task, index, grammar)["answer"] for grammar in ("destination", "direction")]
+        reworded = " moves " in answers[0] or answers[0].endswith("one object.")
+        assert (answers[0] != answers[1]) == (task == "video_caption" and reworded)
+    assert recipe_mod.written_rows(train) == rows
+    first.replace(train)  # as if written before the grammar changed
+    assert recipe_mod.written_rows(train)["video_caption"] < 3
+    recipe_mod.write_data(tmp_path, recipe)
+    assert [json.loads(line) for line in train.read_text().splitlines()] == now_rows
+
+
 def test_target_diagnosis_scores_what_training_scores(tmp_path):
     """diagnose_target's loss over one batch is the training loss of that batch, its accuracy and missed
     words count the same label tokens, and it counts the clip's moves (the world's word-level tokenizer, as the
-    target's, so that "moves" and its direction are words)."""
+    target's, so that "moves" and the places are words)."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from vllm_flash import world
@@ -309,14 +337,15 @@ def test_target_diagnosis_scores_what_training_scores(tmp_path):
     labels = sum(len(r.token_ids) - r.target_from for r in rows)
     missed_in_top = sum(int(x.split("/")[0]) for _, x in got["most_missed"])
     assert 0 < missed_in_top <= labels - round(got["token_accuracy"] * labels)  # an untrained model misses words
-    # the clip (training row 0) moves three objects up, as its events 3, 4 and 5: two inside a frame pair
-    seen = {where: int(x.split("/")[1]) for where, x in got["move_direction_missed"].items()}
-    assert seen == {"vertical, inside a frame pair": 2, "vertical, across frame pairs": 1}
+    # the clip (training row 0) moves three objects, as its events 3, 4 and 5: two inside a frame pair
+    seen = {where: int(x.split("/")[1]) for where, x in got["move_destination_missed"].items()}
+    assert seen == {"inside a frame pair": 2, "across frame pairs": 1}
 
 
-def test_target_diagnosis_finds_each_moves_axis_and_frame_pair():
-    """diagnose_target's move-direction count, checked against the generator's own frames: every move of every
-    clip, its axis from the cells it left and entered, inside a frame pair when it ends on an odd frame."""
+def test_target_diagnosis_finds_each_moves_destination_and_frame_pair():
+    """diagnose_target's move-destination count, checked against the generator's own frames: every move of
+    every clip, inside a frame pair when it ends on an odd frame, missed when a word naming the cell it entered
+    is."""
     import re
 
     from vllm_flash import world
@@ -330,14 +359,15 @@ def test_target_diagnosis_finds_each_moves_axis_and_frame_pair():
             before, after = ({(o.shape, o.color, o.size, o.row, o.col) for o in frame}
                              for frame in ex["scenes"][k - 1:k + 1])
             if len(before) == len(after) and before != after:  # a move (appear / disappear change the count)
-                (left,), (entered,) = before - after, after - before
-                axis = "vertical" if left[3] != entered[3] else "horizontal"
-                expected.append((axis, "inside a frame pair" if k % 2 else "across frame pairs"))
+                (_,), (entered,) = before - after, after - before
+                expected.append(("inside a frame pair" if k % 2 else "across frame pairs",
+                                 world.Obj(*entered).place.split()))
         words = re.findall(r"\w+|[.,]", ex["answer"])
-        hits = [i % 3 != 0 for i in range(len(words))]  # the hit of each word must come through unchanged
-        got = list(diagnose_mod.move_directions(words, hits))
-        assert [g[:2] for g in got] == expected, ex["answer"]
-        assert [g[2] for g in got] == [hits[i] for i in range(1, len(words)) if words[i - 1] == "moves"]
+        hits = [i % 3 != 0 for i in range(len(words))]  # a word's hit must reach its destination's, unchanged
+        got = list(diagnose_mod.move_destinations(words, hits))
+        starts = [i + 2 for i in range(len(words)) if words[i] == "moves"]  # "the" of "moves to the top center"
+        assert [words[i:i + len(place)] for i, (_, place) in zip(starts, expected)] == [p for _, p in expected]
+        assert got == [(where, all(hits[i + 1:i + len(place)])) for i, (where, place) in zip(starts, expected)]
         moves_seen += len(expected)
     assert moves_seen > 20
 

@@ -132,8 +132,18 @@ def question(rng: random.Random, objects: list[Obj]) -> tuple[str, str]:
         + ", ".join(f"a {x.color} one in {x.place}" for x in same) + ".")
 
 
-def sample_clip(rng: random.Random) -> tuple[list[list[Obj]], str]:
+# How a clip's caption words its events. "direction", the first grammar, named a move's direction before its
+# destination ("The red circle moves right to the top center."): a target trained on it read the direction at
+# guessing level, though it could say which object moved and where a new object appeared. "destination" names
+# the place the object moves to, which it can see in the later frame ("The red circle moves to the top
+# center."), and says "one object", not "one objects". The frames are the same under both.
+CLIP_GRAMMARS = ("destination", "direction")
+
+
+def sample_clip(rng: random.Random, grammar: str = "destination") -> tuple[list[list[Obj]], str]:
     """4-8 frames; each step one object moves one cell, appears, or disappears. Returns frames and caption."""
+    if grammar not in CLIP_GRAMMARS:
+        raise ValueError(f"unknown clip grammar {grammar!r}; choose from {CLIP_GRAMMARS}")
     frames = [sample_scene(rng, rng.choice([2, 3]))]
     events = []
     for t in range(1, rng.randint(4, 8)):
@@ -161,19 +171,20 @@ def sample_clip(rng: random.Random) -> tuple[list[list[Obj]], str]:
                 row, col, name = rng.choice(moves)
                 moved = Obj(o.shape, o.color, o.size, row, col)
                 scene[scene.index(o)] = moved
-                events.append(f"The {o.color} {o.shape} moves {name} to {moved.place}.")
+                direction = f"{name} " if grammar == "direction" else ""
+                events.append(f"The {o.color} {o.shape} moves {direction}to {moved.place}.")
             else:
                 events.append(f"The {o.color} {o.shape} stays in {o.place}.")
         frames.append(sorted(scene, key=lambda x: (x.row, x.col)))
-    start = frames[0]
+    start, end = frames[0], len(frames[-1])
+    objects = "objects" if end > 1 or grammar == "direction" else "object"
     text = (f"The video has {NUMBERS[len(frames)] if len(frames) < len(NUMBERS) else len(frames)} frames. "
             f"At the start there is " + ", ".join(f"a {o.name} in {o.place}" for o in start) + ". "
-            + " ".join(events) + f" At the end there {'is' if len(frames[-1]) == 1 else 'are'} "
-            f"{NUMBERS[len(frames[-1])]} objects.")
+            + " ".join(events) + f" At the end there {'is' if end == 1 else 'are'} {NUMBERS[end]} {objects}.")
     return frames, text
 
 
-def example(task: str, seed: int) -> dict:
+def example(task: str, seed: int, clip_grammar: str = "destination") -> dict:
     """One example as plain data: {"task", "question", "answer", "scenes": [objects per image/frame]}."""
     rng = random.Random(f"{task}:{seed}")
     if task == "image_caption":
@@ -184,7 +195,7 @@ def example(task: str, seed: int) -> dict:
         q, a = question(rng, scene)
         return {"task": task, "question": q, "answer": a, "scenes": [scene]}
     if task == "video_caption":
-        frames, text = sample_clip(rng)
+        frames, text = sample_clip(rng, clip_grammar)
         return {"task": task, "question": "Describe what happens in the video.", "answer": text, "scenes": frames}
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 

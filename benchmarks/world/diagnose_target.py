@@ -1,7 +1,7 @@
 """Where the toy target goes wrong: teacher-forced loss and next-token accuracy per task on training and on
 held-out rows (equal: under-fitted, train better: over-fitted), the reference words it misses most, and how
-often it misses the direction of a move in a video caption, by axis and by whether the move happens inside
-one of the frame pairs that Qwen2.5-VL's vision tower sees together or across two pairs.
+often it misses the place an object moves to in a video caption, by whether the move happens inside one of the
+frame pairs that Qwen2.5-VL's vision tower sees together or across two pairs.
 
     .venv/bin/python benchmarks/world/diagnose_target.py --world build/world --stages shallow-4,deep
 
@@ -35,20 +35,19 @@ def rows(world: Path, task: str, split: str, n: int) -> list:
         subset.unlink()
 
 
-DIRECTION_AXIS = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "vertical"}
-
-
-def move_directions(words: list[str], hits: list[bool]):
-    """(axis, where, hit) for each move's direction word in one video caption's words. The caption's event k
-    (k = 1, 2, ...; sentence k + 1 after the frame count and the first scene) is the change from frame k - 1 to
-    frame k, and the vision tower sees each group of FRAMES_PER_GROUP frames (a pair) together."""
+def move_destinations(words: list[str], hits: list[bool]):
+    """(where, hit) for each move in one video caption's words ("... moves to the top center."), hit when every
+    word naming the destination is. The caption's event k (k = 1, 2, ...; sentence k + 1 after the frame count
+    and the first scene) is the change from frame k - 1 to frame k, and the vision tower sees each group of
+    FRAMES_PER_GROUP frames (a pair) together."""
     group = train_target.FRAMES_PER_GROUP
     sentence = 0
-    for i, (word, hit) in enumerate(zip(words, hits)):
-        if i and words[i - 1] == "moves" and word in DIRECTION_AXIS:
+    for i, word in enumerate(words):
+        if word == "moves" and words[i + 1:i + 3] == ["to", "the"]:
             k = sentence - 1
             inside = (k - 1) // group == k // group
-            yield DIRECTION_AXIS[word], "inside a frame pair" if inside else "across frame pairs", hit
+            place = slice(i + 3, words.index(".", i))  # "top center", "middle right", or "middle" alone
+            yield "inside a frame pair" if inside else "across frame pairs", all(hits[place])
         sentence += word.endswith(".")
 
 
@@ -56,7 +55,7 @@ def move_directions(words: list[str], hits: list[bool]):
 def diagnose(model, samples: list, tokenizer, batch_size: int = 8) -> dict:
     loss, right, total = 0.0, 0, 0
     missed, seen = collections.Counter(), collections.Counter()
-    directions = collections.defaultdict(lambda: [0, 0])  # (axis, where) -> [missed, seen]
+    destinations = collections.defaultdict(lambda: [0, 0])  # where -> [missed, seen]
     for i in range(0, len(samples), batch_size):
         batch = train_target.collate(samples[i:i + batch_size])
         for logits, labels in zip(model(**batch).logits[:, :-1], batch["labels"][:, 1:]):
@@ -69,13 +68,12 @@ def diagnose(model, samples: list, tokenizer, batch_size: int = 8) -> dict:
             words = [tokenizer.decode([t]).strip() for t in labels.tolist()]
             seen.update(words)
             missed.update(w for w, h in zip(words, hits) if not h)
-            for axis, where, hit in move_directions(words, hits):
-                directions[(axis, where)][0] += not hit
-                directions[(axis, where)][1] += 1
+            for where, hit in move_destinations(words, hits):
+                destinations[where][0] += not hit
+                destinations[where][1] += 1
     worst = [(w, f"{missed[w]}/{seen[w]}") for w, _ in missed.most_common(8)]
     return {"loss": round(loss / total, 4), "token_accuracy": round(right / total, 4), "most_missed": worst,
-            "move_direction_missed": {f"{axis}, {where}": f"{m}/{n}"
-                                      for (axis, where), (m, n) in sorted(directions.items())}}
+            "move_destination_missed": {where: f"{m}/{n}" for where, (m, n) in sorted(destinations.items())}}
 
 
 def main(argv: list[str] | None = None) -> int:
