@@ -214,6 +214,9 @@ def test_target_training_batches_use_the_positions_vllm_serves(tmp_path):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(target), dtype=torch.float32).eval()
     batch = recipe_mod.collate(rows)
     batch.pop("labels")
+    # pixels are held in bf16 (as the served target reads them; fp32 ran out of memory) and trained on in fp32
+    assert image.inputs["pixel_values"].dtype == video.inputs["pixel_values_videos"].dtype == torch.bfloat16
+    assert batch["pixel_values"].dtype == batch["pixel_values_videos"].dtype == torch.float32
     with torch.no_grad():
         hidden = model.model(**batch).last_hidden_state
     torch.testing.assert_close(hidden[1], hf_features(model, video), rtol=1e-4, atol=1e-4)
