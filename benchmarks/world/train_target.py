@@ -163,7 +163,7 @@ def encode_split(target: Path, jsonl: Path) -> list:
 
 def pixels_in_bf16(row):
     """The row with its pixels held in bf16, as the served bf16 target reads them: at 26000 rows the fp32
-    pixels (about 17 GB) beside the deep model's training ran out of 24 GiB."""
+    pixels (about 17 GB, estimated from their shapes) beside the deep model's training ran out of 24 GiB."""
     for key in PIXEL_KEYS:
         if key in row.inputs:
             row.inputs[key] = row.inputs[key].to(torch.bfloat16)
