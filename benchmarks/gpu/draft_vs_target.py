@@ -1,7 +1,9 @@
 """GPU micro-benchmark in pure PyTorch (no vLLM): one K-token FLASH draft pass (the reference model) against
 one target forward of a 7B-shaped LMM decoder (Qwen2.5-VL-7B: hidden 3584, 28 layers, 28 heads / 4 KV heads,
 MLP 18944, vocab 152k), random bf16 weights, batch 1 and 8, a KV context of --context tokens. Timed with CUDA
-events; writes benchmarks/results/gpu_draft_vs_target.json. Finishes in well under 5 minutes on one GPU.
+events, both eagerly and as replayed CUDA graphs (vLLM decodes through CUDA graphs, so at batch 1 the graph
+numbers are the ones that match serving; eager timings there mostly measure kernel launches). Writes
+benchmarks/results/gpu_draft_vs_target.json and .md. Finishes in well under 5 minutes on one GPU.
 
     python benchmarks/gpu/draft_vs_target.py            # on a GPU machine (needs torch only)
     python benchmarks/gpu/draft_vs_target.py --small    # a CPU-sized smoke run (what the tests run)
@@ -12,12 +14,23 @@ import argparse
 import json
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+try:
+    import transformers  # noqa: F401
+except ImportError:
+    # The GPU machines here carry PyTorch alone. FlashConfig uses PretrainedConfig only to hold its fields,
+    # so a plain attribute holder stands in for it; nothing else from transformers is needed.
+    class _PretrainedConfig:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    sys.modules["transformers"] = types.SimpleNamespace(PretrainedConfig=_PretrainedConfig)
 from vllm_flash.config import FlashConfig  # noqa: E402
 from vllm_flash.modeling import DraftLayer, FlashDraft, apply_rotary  # noqa: E402
 
@@ -46,6 +59,7 @@ def cached_attention(layer: DraftLayer, x: torch.Tensor, positions: torch.Tensor
 
 
 def timer(device: torch.device):
+    """measure(fn, repeats) -> mean milliseconds per call, after one warm-up call."""
     if device.type == "cuda":
         def measure(fn, repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -67,6 +81,20 @@ def timer(device: torch.device):
     return measure
 
 
+def as_cuda_graph(fn):
+    """fn captured once into a CUDA graph; the returned callable replays it (static inputs, as in vLLM)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 @torch.no_grad()
 def run(shape: str, batches: list[int], k: int, context: int, repeats: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,10 +103,11 @@ def run(shape: str, batches: list[int], k: int, context: int, repeats: int) -> d
     layers = s.pop("layers")
     config = FlashConfig(num_speculative_tokens=k, num_latents=36, **s)
     torch.manual_seed(0)
-    target_layers = [DraftLayer(config).to(device, dtype) for _ in range(layers)]
+    with device:  # initialise on the GPU: 7B parameters initialised on the host take minutes
+        target_layers = [DraftLayer(config).to(dtype) for _ in range(layers)]
+        draft = FlashDraft(config).to(dtype)
     lm_head = torch.randn(config.vocab_size, config.hidden_size, device=device, dtype=dtype) * 0.02
     embed = torch.randn(config.vocab_size, config.hidden_size, device=device, dtype=dtype) * 0.02
-    draft = FlashDraft(config).to(device, dtype)
     draft.attach_target_head(embed, lm_head)
     measure = timer(device)
     rows = []
@@ -109,11 +138,18 @@ def run(shape: str, batches: list[int], k: int, context: int, repeats: int) -> d
             out = draft.norm(cached_attention(draft.layer, x, pos_draft, *draft_cache))
             return (out @ lm_head.t()).argmax(-1)
 
-        target_ms = measure(target_step, repeats)
-        draft_ms = measure(draft_pass, repeats)
-        rows.append({"batch_size": b, "target_forward_ms": target_ms, "draft_pass_ms": draft_ms,
-                     "c": draft_ms / target_ms})
-        print(json.dumps(rows[-1]), flush=True)
+        row = {"batch_size": b, "target_forward_ms": measure(target_step, repeats),
+               "draft_pass_ms": measure(draft_pass, repeats)}
+        row["c"] = row["draft_pass_ms"] / row["target_forward_ms"]
+        if device.type == "cuda":
+            try:
+                row["target_forward_graph_ms"] = measure(as_cuda_graph(target_step), repeats)
+                row["draft_pass_graph_ms"] = measure(as_cuda_graph(draft_pass), repeats)
+                row["c_graph"] = row["draft_pass_graph_ms"] / row["target_forward_graph_ms"]
+            except RuntimeError as error:  # keep the eager numbers; say why the graph ones are missing
+                row["graph_error"] = str(error)[:300]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
             "shape": shape, "k": k, "context": context, "torch": torch.__version__, "rows": rows}
 
@@ -129,9 +165,26 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     result = run("small" if args.small else "7b", [1, 8], args.k, args.context if not args.small else 64,
                  args.repeats if not args.small else 3)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown_table(result))
     return result
+
+
+def markdown_table(result: dict) -> str:
+    graphs = all("c_graph" in r for r in result["rows"])
+    head = ["batch", "target forward (ms)", "K=%d draft pass (ms)" % result["k"], "c"]
+    if graphs:
+        head += ["target, CUDA graph (ms)", "draft, CUDA graph (ms)", "c, CUDA graph"]
+    lines = [f"{result['device']}, {result['dtype']}, {result['shape']} shapes, context {result['context']}, "
+             f"torch {result['torch']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        cells = [r["batch_size"], f"{r['target_forward_ms']:.2f}", f"{r['draft_pass_ms']:.2f}", f"{r['c']:.3f}"]
+        if graphs:
+            cells += [f"{r['target_forward_graph_ms']:.2f}", f"{r['draft_pass_graph_ms']:.2f}", f"{r['c_graph']:.3f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
