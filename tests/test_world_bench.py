@@ -106,7 +106,7 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
         return [json.loads(line)["stage"] for line in log.read_text().splitlines()]
 
     first_run = stages()
-    assert set(first_run) == {"shallow-1", "shallow-2", "deep"}
+    assert set(first_run) == {"shallow-1", "shallow-2", "deep", "deep-2"}
     assert (out / "data" / "train.direction.jsonl").exists()  # the first round's clips, in the first grammar
     accuracy = json.loads((out / "target_report.json").read_text())["heldout_exact_match"]
     assert set(accuracy) == set(world.TASKS)
@@ -121,12 +121,21 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
     monkeypatch.setattr(recipe_mod, "encode_split", lambda *a: encodings.append(a) or real_encode(*a))
     assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
     assert stages() == first_run and not encodings
-    for stage in ("deep", "target"):
+    for stage in ("deep", "deep-2", "target"):
         shutil.rmtree(out / stage)
     assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
-    assert stages()[len(first_run):] == ["deep"] * first_run.count("deep") and len(encodings) == 1
+    deep_logged = [s for s in first_run if s.startswith("deep")]
+    assert stages()[len(first_run):] == deep_logged and len(encodings) == 1
     assert json.loads((out / "target_report.json").read_text())["heldout_exact_match"] == {
         "scored": str(out / "target")}
+    # a later stage trains from the checkpoint before it alone (the shallow stages gone, no vision probe left)
+    for stage in ("shallow", "shallow-2", "deep-init", "deep-2", "target"):
+        shutil.rmtree(out / stage)
+    (out / "deep" / recipe_mod.PROBE_FILE).unlink()
+    before = len(stages())
+    assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
+    assert set(stages()[before:]) == {"deep-2"} and len(encodings) == 2
+    assert (out / "target" / "model.safetensors").exists() and not (out / "deep-2" / recipe_mod.PROBE_FILE).exists()
 
 
 # Runs before the bench test: once vLLM's ngram proposer has imported numba in this process, vLLM 0.32 cannot
@@ -343,6 +352,17 @@ def test_target_diagnosis_scores_what_training_scores(tmp_path):
     # the clip (training row 0) moves three objects, as its events 3, 4 and 5: two inside a frame pair
     seen = {where: int(x.split("/")[1]) for where, x in got["move_destination_missed"].items()}
     assert seen == {"inside a frame pair": 2, "across frame pairs": 1}
+
+    # the vision read-out: one group of visual tokens per image or frame pair, labelled with its cells; a probe
+    # fitted on them reads them back, and reads the same features under another row's labels worse
+    features, labels = diagnose_mod.visual_groups(model, rows)
+    clip_pairs = -(-len(world.example("video_caption", 0)["scenes"]) // 2)
+    assert features.shape == (1 + clip_pairs, 16 * 64) and labels.shape == (1 + clip_pairs, 2, 9, 3)
+    assert torch.equal(labels[0], recipe_mod.scene_labels(rows[0].row_id)[0])
+    read = diagnose_mod.probe_readout((features, labels), {"fitted": (features, labels),
+                                                            "relabelled": (features, labels.roll(1, 0))})
+    assert read["fitted"]["objects_read_right"] == 1.0 and read["fitted"]["objects"] == int((labels[..., 0] > 0).sum())
+    assert read["relabelled"]["objects_read_right"] < 1.0
 
 
 def test_target_diagnosis_finds_each_moves_destination_and_frame_pair():
