@@ -1,4 +1,6 @@
-"""The GPU micro-benchmark script runs end to end (at CPU size) and writes its numbers."""
+"""The benchmark helper scripts run end to end (small) and write their numbers: the GPU micro-benchmark at CPU
+size, and the image-size A/B."""
+import importlib
 import importlib.util
 import json
 from pathlib import Path
@@ -14,3 +16,23 @@ def test_gpu_microbenchmark_runs_small_on_cpu(tmp_path):
     written = json.loads(out.read_text())
     assert written["rows"] == result["rows"] and [r["batch_size"] for r in written["rows"]] == [1, 8]
     assert all(r["target_forward_ms"] > 0 and r["draft_pass_ms"] > 0 for r in written["rows"])
+
+
+def test_image_size_ab_trains_each_arm_on_its_own_image_size(tmp_path, monkeypatch):
+    """The A/B script trains and scores one arm per image size, each on images of that size: 16 merged visual
+    tokens at 112 px, 9 at 84 px (one per grid cell)."""
+    from PIL import Image
+
+    # imported by name, so that the arms' worker processes can import it too
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks" / "world"))
+    module = importlib.import_module("image_size_ab")
+    out = tmp_path / "ab"
+    assert module.main(["--out", str(out), "--rows", "4", "--steps", "2", "--check-rows", "2"]) == 0
+    results = json.loads((out / "result.json").read_text())
+    assert [(r["image_size"], r["visual_tokens"]) for r in results] == [(112, 16), (84, 9)]
+    for r in results:
+        images = sorted((out / f"{r['image_size']}px" / "data").rglob("*.png"))
+        assert images and all(Image.open(f).size == (r["image_size"],) * 2 for f in images)
+        for split in ("train", "heldout"):
+            assert 0 < r[split]["loss"] and int(r[split]["missed_by_kind"]["shape"].split("/")[1]) > 0
+        assert 0 <= r["heldout_served"]["exact_match"] <= 1 and 0 <= r["heldout_served"]["word_accuracy"] <= 1

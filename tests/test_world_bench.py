@@ -115,7 +115,7 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
         assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"BF16"}
     assert json.loads((out / "target" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 8
 
-    monkeypatch.setattr(recipe_mod, "heldout_accuracy", lambda target, n: {"scored": str(target)})
+    monkeypatch.setattr(recipe_mod, "heldout_accuracy", lambda target, n, size: {"scored": str(target)})
     encodings = []
     real_encode = recipe_mod.encode_split
     monkeypatch.setattr(recipe_mod, "encode_split", lambda *a: encodings.append(a) or real_encode(*a))
@@ -235,7 +235,8 @@ def test_target_training_batches_use_the_positions_vllm_serves(tmp_path):
 
 def test_target_training_rounds_carry_the_vision_probe_over(tmp_path):
     """Each round saves the model and its vision probe; the next round starts from both (a fresh random probe
-    would push random gradients into the trained vision tower). At lr 0 the probe must come out unchanged."""
+    would push random gradients into the trained vision tower). At lr 0 the probe must come out unchanged.
+    (Training without a probe, from a checkpoint that has none, is covered by the recipe's resume test.)"""
     from safetensors.torch import load_file
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -252,7 +253,8 @@ def test_target_training_rounds_carry_the_vision_probe_over(tmp_path):
     previous = init
     for stage, lr in (("first", 1e-3), ("second", 0.0)):
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(previous, dtype=torch.float32)
-        recipe_mod.train(model, rows, 2, lr, recipe, log, stage, previous, tmp_path / stage)
+        recipe_mod.train(model, rows, 2, lr, recipe, log, stage, previous, tmp_path / stage,
+                         fresh_probe=stage == "first")
         previous = tmp_path / stage
     first, second = (load_file(tmp_path / s / recipe_mod.PROBE_FILE) for s in ("first", "second"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
@@ -324,6 +326,11 @@ def test_target_data_is_rewritten_for_a_new_grammar_and_earlier_rounds_get_their
     assert recipe_mod.written_rows(train)["video_caption"] < 3
     recipe_mod.write_data(tmp_path, recipe)
     assert [json.loads(line) for line in train.read_text().splitlines()] == now_rows
+    # the images are written again at another recipe's image size, the rows unchanged
+    assert recipe_mod.written_image_size(tmp_path / "data") == 112
+    recipe_mod.write_data(tmp_path, recipe_mod.Recipe(heldout=1, shallow_rounds=recipe.shallow_rounds, image_size=84))
+    assert recipe_mod.written_image_size(tmp_path / "data") == 84
+    assert [json.loads(line) for line in train.read_text().splitlines()] == now_rows
 
 
 def test_target_diagnosis_scores_what_training_scores(tmp_path):
@@ -352,6 +359,9 @@ def test_target_diagnosis_scores_what_training_scores(tmp_path):
     # the clip (training row 0) moves three objects, as its events 3, 4 and 5: two inside a frame pair
     seen = {where: int(x.split("/")[1]) for where, x in got["move_destination_missed"].items()}
     assert seen == {"inside a frame pair": 2, "across frame pairs": 1}
+    answers = " ".join(world.example(task, 0)["answer"] for task in ("image_caption", "video_caption"))
+    shapes = sum(answers.replace(".", " ").replace(",", " ").split().count(shape) for shape in world.SHAPES)
+    assert int(got["missed_by_kind"]["shape"].split("/")[1]) == shapes > 0
 
     # the vision read-out: one group of visual tokens per image or frame pair, labelled with its cells; a probe
     # fitted on them reads them back, and reads the same features under another row's labels worse

@@ -146,11 +146,12 @@ def speedup_bound(a: float, k: int, c: float) -> float:
     return expected / (1 + c)
 
 
-def build_requests(tasks: tuple[str, ...], n: int) -> tuple[dict[str, list], dict[str, list[str]]]:
-    """Held-out requests per task, and their reference answers."""
+def build_requests(tasks: tuple[str, ...], n: int, target: Path) -> tuple[dict[str, list], dict[str, list[str]]]:
+    """Held-out requests per task, at the image size `target` was trained at, and their reference answers."""
     from . import world
 
-    pairs = {task: [world.heldout_request(task, i) for i in range(n)] for task in tasks}
+    size = world.image_size_of(target)
+    pairs = {task: [world.heldout_request(task, i, size) for i in range(n)] for task in tasks}
     return ({t: [p[0] for p in ps] for t, ps in pairs.items()}, {t: [p[1] for p in ps] for t, ps in pairs.items()})
 
 
@@ -167,7 +168,7 @@ def run_bench(cfg: BenchConfig, results_dir: Path, log=print) -> dict:
     common = dict(model=str(cfg.target), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
                   limit_mm_per_prompt={"image": 1, "video": 1}, disable_log_stats=False,  # the scheduler counts accepts only then
                   enable_prefix_caching=False, max_num_seqs=max(cfg.batch_sizes))
-    requests, references = build_requests(cfg.tasks, max(max(cfg.batch_sizes), cfg.batch1_requests))
+    requests, references = build_requests(cfg.tasks, max(max(cfg.batch_sizes), cfg.batch1_requests), cfg.target)
     log(f"starting {len(cfg.methods)} engines: {', '.join(cfg.methods)}")
     # ngram's engine is built last: its proposer imports numba/llvmlite, and every later engine start in this
     # process would then crash in vLLM's Triton-override scan of sys.modules (llvmlite holds an object whose

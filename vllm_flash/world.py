@@ -230,6 +230,15 @@ def write_split(out_dir: str | Path, task: str, split: str, n: int, image_size: 
     return path
 
 
+def image_size_of(target: str | Path) -> int:
+    """The image size a toy-world target was trained at, so that it is asked about images of that size: its
+    processor caps an image at image_size^2 pixels (`build_tiny_qwen2_5_vl`)."""
+    import math
+
+    processor = json.loads((Path(target) / "processor_config.json").read_text())
+    return math.isqrt(processor["image_processor"]["size"]["longest_edge"])
+
+
 def heldout_request(task: str, index: int, image_size: int = 112) -> tuple[dict, str]:
     """A held-out example as a Qwen2.5-VL vLLM request (rendered in memory) and its reference answer."""
     import numpy as np

@@ -52,6 +52,10 @@ def move_destinations(words: list[str], hits: list[bool]):
         sentence += word.endswith(".")
 
 
+WORD_KINDS = {"shape": set(toy_world.SHAPES), "colour": set(toy_world.COLORS),
+              "place": set(toy_world.ROWS) | set(toy_world.COLS)}
+
+
 @torch.no_grad()
 def diagnose(model, samples: list, tokenizer, batch_size: int = 8) -> dict:
     loss, right, total = 0.0, 0, 0
@@ -74,6 +78,8 @@ def diagnose(model, samples: list, tokenizer, batch_size: int = 8) -> dict:
                 destinations[where][1] += 1
     worst = [(w, f"{missed[w]}/{seen[w]}") for w, _ in missed.most_common(8)]
     return {"loss": round(loss / total, 4), "token_accuracy": round(right / total, 4), "most_missed": worst,
+            "missed_by_kind": {kind: f"{sum(missed[w] for w in words)}/{sum(seen[w] for w in words)}"
+                               for kind, words in WORD_KINDS.items()},
             "move_destination_missed": {where: f"{m}/{n}" for where, (m, n) in sorted(destinations.items())}}
 
 

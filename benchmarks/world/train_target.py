@@ -127,16 +127,24 @@ def in_grammar(jsonl: Path, grammar: str) -> Path:
     return path
 
 
+def written_image_size(data: Path) -> int | None:
+    """The pixel size of the images a written data folder holds (None: nothing written)."""
+    from PIL import Image
+
+    first = next(iter(sorted(data.glob("*-train/*.png"))), None)
+    return Image.open(first).size[0] if first else None
+
+
 def write_data(out: Path, recipe: Recipe) -> Path:
     data = out / "data"
     train = train_rows(recipe)
-    if written_rows(data / "train.jsonl") == train:
+    if written_rows(data / "train.jsonl") == train and written_image_size(data) == recipe.image_size:
         return data
     for split, counts in (("train", train), ("heldout", {t: recipe.heldout for t in world.TASKS})):
         lines = []
         for task, n in counts.items():
             if n:
-                lines += world.write_split(data, task, split, n).read_text().splitlines()
+                lines += world.write_split(data, task, split, n, recipe.image_size).read_text().splitlines()
         random.Random(split).shuffle(lines)
         (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return data
@@ -148,7 +156,8 @@ def build_shallow(out: Path, recipe: Recipe) -> Path:
     path = out / "shallow-init"
     if not (path / "config.json").exists():
         build_tiny_qwen2_5_vl(path, num_layers=recipe.shallow_layers, hidden=recipe.hidden, seed=recipe.seed,
-                              vocab_size=512, lm_head_scale=1.0, corpus=world_corpus(), vision=recipe.vision)
+                              vocab_size=512, lm_head_scale=1.0, corpus=world_corpus(), vision=recipe.vision,
+                              image_size=recipe.image_size)
     return path
 
 
@@ -348,7 +357,8 @@ def deepen(shallow_dir: Path, out_dir: Path, recipe: Recipe) -> None:
     deep.save_pretrained(out_dir, safe_serialization=True)
 
 
-def heldout_accuracy(target: Path, per_task: int, max_tokens: int = 160) -> dict:
+def heldout_accuracy(target: Path, per_task: int, image_size: int, max_tokens: int = 160,
+                     tasks: tuple = world.TASKS) -> dict:
     """How right the served target (vLLM, the shipped bf16 weights) is on the held-out split, per task:
     the share of greedy answers exactly equal to the world's reference, and the share of reference words
     reproduced in place (a softer measure: one wrong colour costs one word, not the whole caption)."""
@@ -360,8 +370,8 @@ def heldout_accuracy(target: Path, per_task: int, max_tokens: int = 160) -> dict
     llm = LLM(model=str(target), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
               limit_mm_per_prompt={"image": 1, "video": 1}, enable_prefix_caching=False)
     accuracy = {}
-    for task in world.TASKS:
-        pairs = [world.heldout_request(task, i) for i in range(per_task)]
+    for task in tasks:
+        pairs = [world.heldout_request(task, i, image_size) for i in range(per_task)]
         outputs = llm.generate([p[0] for p in pairs], SamplingParams(temperature=0.0, max_tokens=max_tokens),
                                use_tqdm=False)
         exact, words, total = 0, 0, 0
@@ -444,14 +454,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(ROOT / "build" / "world"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=Recipe.image_size,
+                   help="pixels per side of the world's images (84: one merged visual token per grid cell; see "
+                        "image_size_ab.py); the shipped target is 112")
     p.add_argument("--quick", action="store_true", help="a tiny run of every stage (smoke test)")
     args = p.parse_args(argv)
+    if args.image_size % 28:
+        p.error(f"--image-size {args.image_size} is not a multiple of 28, Qwen2.5-VL's merged visual token")
     torch.set_num_threads(args.threads)
-    recipe = Recipe()
+    recipe = Recipe(image_size=args.image_size)
     if args.quick:
         recipe = Recipe(heldout=2, batch_size=4, shallow_rounds=((1, 2e-3, {t: 8 for t in world.TASKS}),) * 2,
                         direction_grammar_rounds=1, deep_rounds=((2, 3e-4), (2, 2e-4)), warmup=2, layers=8,
-                        shallow_layers=2)
+                        shallow_layers=2, image_size=args.image_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
@@ -465,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     # the training rows (gigabytes of pixels) are gone when it returns: beside them, the held-out check's
     # vLLM engine ran out of 24 GiB at 26000 rows
     target = train_stages(out, recipe, data, init, report, report_path, log)
-    report["heldout_exact_match"] = heldout_accuracy(target, recipe.heldout)
+    report["heldout_exact_match"] = heldout_accuracy(target, recipe.heldout, recipe.image_size)
     print(json.dumps(report), flush=True)
     report_path.write_text(json.dumps(report, indent=1))
     return 0
