@@ -413,10 +413,10 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
 
     shallow_dirs = [out / ("shallow" if i == 0 else f"shallow-{i + 1}") for i in range(len(recipe.shallow_rounds))]
     deep_dirs = [out / ("deep" if i == 0 else f"deep-{i + 1}") for i in range(len(recipe.deep_rounds))]
+    stages = [*shallow_dirs, out / "deep-init", *deep_dirs]
     # a later stage's checkpoint stands for every stage before it (those may have been deleted)
-    done = [d for d in (*shallow_dirs, out / "deep-init", *deep_dirs) if (d / "config.json").exists()]
-    later = [*shallow_dirs, out / "deep-init", *deep_dirs]
-    skip = set(later[:later.index(done[-1]) + 1]) if done else set()
+    done = [i for i, d in enumerate(stages) if (d / "config.json").exists()]
+    skip = set(stages[:done[-1] + 1]) if done else set()
 
     previous = init
     for round_index, ((epochs, lr, rows), shallow_dir) in enumerate(zip(recipe.shallow_rounds, shallow_dirs)):
