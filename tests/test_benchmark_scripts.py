@@ -18,6 +18,20 @@ def test_gpu_microbenchmark_runs_small_on_cpu(tmp_path):
     assert all(r["target_forward_ms"] > 0 and r["draft_pass_ms"] > 0 for r in written["rows"])
 
 
+def test_gpu_microbenchmark_runs_without_transformers(tmp_path):
+    """The GPU machines here carry PyTorch alone: the script must run where transformers cannot be imported."""
+    import subprocess
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "draft_vs_target.py"
+    out = tmp_path / "r.json"
+    code = ("import runpy, sys; sys.modules['transformers'] = None; "  # None: `import transformers` fails
+            f"sys.argv = ['x', '--small', '--out', {str(out)!r}]; runpy.run_path({str(path)!r}, run_name='__main__')")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert [r["batch_size"] for r in json.loads(out.read_text())["rows"]] == [1, 8]
+    assert out.with_suffix(".md").read_text().count("\n| ") == 3  # the header, then one line per batch size
+
+
 def test_image_size_ab_trains_each_arm_on_its_own_image_size(tmp_path, monkeypatch):
     """The A/B script trains and scores one arm per image size, each on images of that size: 16 merged visual
     tokens at 112 px, 9 at 84 px (one per grid cell)."""

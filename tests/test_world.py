@@ -86,11 +86,12 @@ def test_clip_grammars_word_the_same_frames_and_name_each_move():
 def test_a_target_is_asked_about_images_of_the_size_it_was_trained_at(tmp_path):
     """The bench and the demo render held-out images at the size the target's processor was built for."""
     from vllm_flash import world
-    from vllm_flash.bench import REPO_ASSETS
+    from vllm_flash.bench import REPO_ASSETS, build_requests
     from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
 
     assert world.image_size_of(REPO_ASSETS / "target") == 112
     built = build_tiny_qwen2_5_vl(tmp_path / "t", num_layers=1, hidden=64, image_size=84)
     assert world.image_size_of(built) == 84
-    request, _ = world.heldout_request("image_caption", 0, world.image_size_of(built))
-    assert request["multi_modal_data"]["image"].size == (84, 84)
+    requests, _ = build_requests(("image_caption", "video_caption"), 1, built)
+    assert requests["image_caption"][0]["multi_modal_data"]["image"].size == (84, 84)
+    assert requests["video_caption"][0]["multi_modal_data"]["video"][0].shape[1:3] == (84, 84)

@@ -85,7 +85,7 @@ def diagnose(model, samples: list, tokenizer, batch_size: int = 8) -> dict:
 
 @torch.no_grad()
 def visual_groups(model, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """(groups, tokens * hidden) outputs of the vision tower and (groups, 2, 9, 3) labels of what each grid cell
+    """(groups, tokens, hidden) outputs of the vision tower and (groups, 2, 9, 3) labels of what each grid cell
     holds, one group per image or video frame pair, as the training probe reads them."""
     features, labels = [], []
     for s in samples:
@@ -93,30 +93,27 @@ def visual_groups(model, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
             if pixels in s.inputs:
                 out = model.model.visual(s.inputs[pixels].float(), grid_thw=s.inputs[grid]).pooler_output
                 labels.append(train_target.scene_labels(s.row_id))
-                features.append(out.reshape(len(labels[-1]), -1))
+                features.append(out.reshape(len(labels[-1]), -1, out.shape[-1]))
     return torch.cat(features), torch.cat(labels)
 
 
 def probe_readout(fit: tuple, checks: dict, steps: int = 400) -> dict:
-    """Fit a fresh linear probe on the frozen tower's outputs for `fit`, then the share of occupied cells whose
-    shape, colour and size it reads right (and of shapes alone) on each set in `checks`. Equal on rows the
-    target trained on and on held-out rows: the tower generalises, so misread objects in held-out captions
-    come from the language model; lower held out: the tower has learned its training scenes."""
+    """Fit a fresh probe (the training one) on the frozen tower's outputs for `fit`, then the share of occupied
+    cells whose shape, colour and size it reads right (and of shapes alone) on each set in `checks`. Equal on
+    rows the target trained on and on held-out rows: the tower generalises, so misread objects in held-out
+    captions come from the language model; lower held out: the tower has learned its training scenes."""
     x, y = fit
-    read = torch.nn.Linear(x.shape[1], train_target.FRAMES_PER_GROUP * 9 * sum(train_target.CELL_LABELS))
-    opt = torch.optim.AdamW(read.parameters(), lr=1e-3, weight_decay=0.1)
+    probe = train_target.VisionProbe(x.shape[1], x.shape[2])
+    opt = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.1)
     for _ in range(steps):
-        logits = read(x).view(*y.shape[:3], -1).split(train_target.CELL_LABELS, dim=-1)
-        loss = sum(torch.nn.functional.cross_entropy(part.flatten(0, 2), y[..., i].flatten())
-                   for i, part in enumerate(logits))
+        loss = probe.loss(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
     result = {}
     with torch.no_grad():
         for name, (xc, yc) in checks.items():
-            parts = read(xc).view(*yc.shape[:3], -1).split(train_target.CELL_LABELS, dim=-1)
-            guess = torch.stack([part.argmax(-1) for part in parts], dim=-1)
+            guess = torch.stack([part.argmax(-1) for part in probe.logits(xc, len(yc))], dim=-1)
             occupied = yc[..., 0] > 0
             right = (guess == yc)[occupied]
             result[name] = {"objects_read_right": round(right.all(-1).float().mean().item(), 4),

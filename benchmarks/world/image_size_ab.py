@@ -5,8 +5,8 @@ each), so an object is spread over up to four tokens that it shares with its nei
 one token. This trains the same fresh 4-layer model (same seed, same scenes, same steps and schedule) on one
 task's captions (image captions by default) at each size, then scores both teacher-forced on training and
 held-out rows: loss, next-token accuracy, and how often the words naming a shape, colour or place are missed;
-and serves each (vLLM, bf16, greedy) on the held-out rows for exact match and word accuracy. A short side-by-side run says
-which way a retrain from scratch should go; it is not the full recipe.
+and serves each (vLLM, bf16, greedy) on the held-out rows for exact match and word accuracy. A short
+side-by-side run says which way a retrain from scratch should go; it is not the full recipe.
 
     .venv/bin/python benchmarks/world/image_size_ab.py --out build/image-size-ab --steps 2000
     .venv/bin/python benchmarks/world/image_size_ab.py --out build/image-size-ab-video --task video_caption \

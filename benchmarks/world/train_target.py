@@ -253,10 +253,13 @@ class VisionProbe(torch.nn.Module):
         super().__init__()
         self.read = torch.nn.Linear(tokens * hidden, FRAMES_PER_GROUP * 9 * sum(CELL_LABELS))
 
+    def logits(self, features: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
+        """(groups, frames, 9 cells, classes) logits of each cell's shape, colour and size."""
+        logits = self.read(features.reshape(groups, -1)).view(groups, FRAMES_PER_GROUP, 9, sum(CELL_LABELS))
+        return logits.split(CELL_LABELS, dim=-1)
+
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        groups = features.view(len(labels), -1)
-        logits = self.read(groups).view(len(labels), FRAMES_PER_GROUP, 9, sum(CELL_LABELS))
-        parts = logits.split(CELL_LABELS, dim=-1)
+        parts = self.logits(features, len(labels))
         probe = sum(torch.nn.functional.cross_entropy(part.flatten(0, 2), labels[..., i].flatten())
                     for i, part in enumerate(parts)) / len(parts)
         return probe + 1e-2 * features.pow(2).mean()
