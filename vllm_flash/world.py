@@ -21,6 +21,11 @@ SHAPES = ("circle", "square", "triangle", "star")
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven")
 TASKS = ("image_caption", "visual_qa", "video_caption")
+# Pixels per side: 84 makes each grid cell exactly one of Qwen2.5-VL's merged 28-px visual tokens. At 112 px the
+# 3x3 cells lay across a 4x4 token grid, each object spread over up to four tokens shared with its neighbours,
+# and a target trained there kept misreading shapes that its vision tower encoded (benchmarks/world/
+# image_size_ab.py measured the difference).
+IMAGE_SIZE = 84
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ def background(size: int):
     return Image.fromarray(pixels.round().astype(np.uint8), "RGB")
 
 
-def render(objects: list[Obj], size: int = 112):
+def render(objects: list[Obj], size: int = IMAGE_SIZE):
     from PIL import ImageDraw
 
     img = background(size)
@@ -203,7 +208,7 @@ def example(task: str, seed: int, clip_grammar: str = "destination") -> dict:
 SPLIT_SEEDS = {"train": 0, "heldout": 1_000_000}  # disjoint seed ranges
 
 
-def write_split(out_dir: str | Path, task: str, split: str, n: int, image_size: int = 112) -> Path:
+def write_split(out_dir: str | Path, task: str, split: str, n: int, image_size: int = IMAGE_SIZE) -> Path:
     """LLaVA-format JSONL (+ images or frame folders) for `n` examples of one task and split."""
     out = Path(out_dir)
     media = out / f"{task}-{split}"
@@ -239,7 +244,7 @@ def image_size_of(target: str | Path) -> int:
     return math.isqrt(processor["image_processor"]["size"]["longest_edge"])
 
 
-def heldout_request(task: str, index: int, image_size: int = 112) -> tuple[dict, str]:
+def heldout_request(task: str, index: int, image_size: int = IMAGE_SIZE) -> tuple[dict, str]:
     """A held-out example as a Qwen2.5-VL vLLM request (rendered in memory) and its reference answer."""
     import numpy as np
 

@@ -36,7 +36,7 @@ from vllm_flash.config import target_facts  # noqa: E402
 from vllm_flash.data import BadDataReport, encode, read_conversations  # noqa: E402
 
 
-FIRST_ROWS = {"image_caption": 3000, "visual_qa": 3000, "video_caption": 2000}
+TRAIN_ROWS = {"image_caption": 5000, "visual_qa": 5000, "video_caption": 16000}
 
 
 @dataclass
@@ -47,42 +47,25 @@ class Recipe:
     vision: dict = field(default_factory=lambda: dict(depth=4, hidden_size=128, intermediate_size=256,
                                                       num_heads=4, fullatt_block_indexes=[1, 3]))
     heldout: int = 60  # per task
-    image_size: int = 112
+    image_size: int = world.IMAGE_SIZE
     batch_size: int = 16
-    # (epochs, peak lr, training rows per task) per round, each with its own warm-up and cosine decay. The later
-    # rounds were added when the first left the model reading colours but not yet shapes and places reliably,
-    # and loss still falling; rounds 5-7 because train and held-out loss still fell together (under-fitted);
-    # rounds 8-10 on three, five, then eight times the clips, because video stayed the least fitted task (train loss
-    # 0.22, against 0.03-0.05 on the image tasks); round 11 because after ten rounds the model still read a move's
-    # direction at guessing level, so the world's clips now name the destination instead (world.CLIP_GRAMMARS);
-    # round 12 with more image rows, as the answers fitted their training rows better than held-out ones; round 13
-    # is round 12 again, as video was still as well fitted held out as on its training rows.
-    # A round's rows are the first n of each task, so a larger set holds the smaller one.
-    shallow_rounds: tuple = (*((epochs, lr, FIRST_ROWS) for epochs, lr in (
-        (2.4, 2e-3), (2.4, 1e-3), (1.6, 5e-4), (1.2, 3e-4), (4.0, 8e-4), (3.2, 5e-4), (2.0, 2e-4))),
-        (4.0, 6e-4, {**FIRST_ROWS, "video_caption": 6000}), (2.0, 4e-4, {**FIRST_ROWS, "video_caption": 10000}),
-        (2.0, 4e-4, {**FIRST_ROWS, "video_caption": 16000}), (2.0, 4e-4, {**FIRST_ROWS, "video_caption": 16000}),
-        (1.7, 3e-4, {"image_caption": 5000, "visual_qa": 5000, "video_caption": 16000}),
-        (1.7, 3e-4, {"image_caption": 5000, "visual_qa": 5000, "video_caption": 16000}))
-    # the first rounds' clip captions are in the world's first grammar, as the shipped target's were; the later
-    # rounds and the deep fine-tune use the current one
-    direction_grammar_rounds: int = 10
+    # (epochs, peak lr, training rows per task) per round, each with its own warm-up and cosine decay
+    shallow_rounds: tuple = ((2.0, 2e-3, TRAIN_ROWS), (2.0, 1e-3, TRAIN_ROWS), (1.5, 4e-4, TRAIN_ROWS))
     # (steps, peak lr) per fine-tune of the deepened model, each on the last shallow round's rows. A second one
     # of 540 steps at 2e-4, tried from the shipped weights when a fourteenth shallow round had left video where
     # the thirteenth did, moved no task beyond the noise of 60 held-out rows, so the recipe keeps one.
     deep_rounds: tuple = ((150, 3e-4),)
     warmup: int = 100
     seed: int = 0
+    save_every: int = 200  # steps between saves of a round's progress (a stopped round resumes from the last)
 
 
 def world_corpus(n: int = 3000) -> list[str]:
-    """Texts for the tokenizer: the words the world uses, so each becomes one token. Its clips are worded in
-    the first grammar, which the shipped target's tokenizer was trained on (only the later grammar's "object"
-    is then two tokens)."""
+    """Texts for the tokenizer: the words the world uses, so each becomes one token."""
     texts = []
     for task in world.TASKS:
         for i in range(n):
-            ex = world.example(task, i, clip_grammar="direction")
+            ex = world.example(task, i)
             texts += [ex["question"], ex["answer"]]
     return texts + ["user assistant system\n"]
 
@@ -98,10 +81,10 @@ def train_rows(recipe: Recipe) -> dict:
     return {task: max(rows.get(task, 0) for _, _, rows in recipe.shallow_rounds) for task in world.TASKS}
 
 
-def world_answer(row: dict, grammar: str = world.CLIP_GRAMMARS[0]) -> str:
-    """The world's answer for a generated row, its clip captions in `grammar`."""
+def world_answer(row: dict) -> str:
+    """The world's answer for a generated row."""
     task, split, index = parse_row_id(row["id"])
-    return world.example(task, world.SPLIT_SEEDS[split] + index, grammar)["answer"]
+    return world.example(task, world.SPLIT_SEEDS[split] + index)["answer"]
 
 
 def written_rows(jsonl: Path) -> dict:
@@ -113,18 +96,6 @@ def written_rows(jsonl: Path) -> dict:
         if row["conversations"][-1]["value"] == world_answer(row):
             counts[parse_row_id(row["id"])[0]] += 1
     return counts
-
-
-def in_grammar(jsonl: Path, grammar: str) -> Path:
-    """The rows of `jsonl` with their clip captions in `grammar`: the frames are the same in every grammar."""
-    if grammar == world.CLIP_GRAMMARS[0]:
-        return jsonl
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    for row in rows:
-        row["conversations"][-1]["value"] = world_answer(row, grammar)
-    path = jsonl.with_name(f"{jsonl.stem}.{grammar}.jsonl")
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def written_image_size(data: Path) -> int | None:
@@ -276,12 +247,54 @@ def batches(samples: list, batch_size: int, rng: random.Random) -> list[list]:
 PROBE_FILE = "vision_probe.safetensors"  # beside each stage's model; a training aid, never shipped
 
 
+def progress_path(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".progress.safetensors")
+
+
+def save_progress(path: Path, step: int, model, probe, opt) -> None:
+    """A round's state after `step` steps, in one safetensors file written atomically: model, probe and
+    AdamW moments. The batch order is not stored: it is replayed from the seed."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    if probe:
+        tensors.update({f"probe.{k}": v.detach().clone() for k, v in probe.state_dict().items()})
+    for index, state in opt.state_dict()["state"].items():
+        tensors.update({f"opt.{index}.{k}": v.reshape(-1) if k == "step" else v for k, v in state.items()})
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata={"step": str(step)})
+    tmp.replace(path)
+
+
+def load_progress(path: Path, model, probe, opt) -> int:
+    """Restore `save_progress`'s state; returns the steps already done (0 without a saved state)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return 0
+    with safe_open(path, "pt") as f:
+        step = int(f.metadata()["step"])
+    tensors = load_file(path)
+    part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    model.load_state_dict(part("model."))
+    if probe:
+        probe.load_state_dict(part("probe."))
+    state: dict = {}
+    for key, value in part("opt.").items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value.reshape(()) if name == "step" else value
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    return step
+
+
 def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path: Path, tag: str,
           probe_from: Path, out_dir: Path, fresh_probe: bool = False) -> None:
     """Train `model` and save it to `out_dir`. The vision probe starts fresh only with a fresh model; later it
     carries over from `probe_from`, and where that has none (a model restored from the shipped weights, which
     leave the probe out) training goes on without it: a random probe would push random gradients into the
-    trained tower."""
+    trained tower. Every `recipe.save_every` steps the round's progress is saved, and a stopped round resumes
+    from it with the same batches in the same order."""
     from safetensors.torch import load_file, save_file
 
     rng = random.Random(recipe.seed)
@@ -293,13 +306,19 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
             probe.load_state_dict(load_file(probe_from / PROBE_FILE))
     opt = torch.optim.AdamW([*model.parameters(), *(probe.parameters() if probe else ())], lr=lr,
                             weight_decay=0.01, betas=(0.9, 0.98))
+    progress = progress_path(out_dir)
+    done = load_progress(progress, model, probe, opt)
     seen: list = []  # the vision tower's outputs in this forward (images first, then videos)
     model.model.visual.register_forward_hook(lambda _m, _i, out: seen.append(out.pooler_output))
     model.train()
     queue: list = []
+    for _ in range(done):  # replay the batch order up to where the saved progress stopped
+        if not queue:
+            queue = batches(samples, recipe.batch_size, rng)
+        queue.pop()
     start = time.time()
     with open(log_path, "a") as log:
-        for step in range(steps):
+        for step in range(done, steps):
             if not queue:
                 queue = batches(samples, recipe.batch_size, rng)
             chosen = queue.pop()
@@ -325,10 +344,13 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
                 print(json.dumps(line), flush=True)
                 log.write(json.dumps(line) + "\n")
                 log.flush()
+            if (step + 1) % recipe.save_every == 0 and step + 1 < steps:
+                save_progress(progress, step + 1, model, probe, opt)
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     if probe:
         save_file(probe.state_dict(), out_dir / PROBE_FILE)
+    progress.unlink(missing_ok=True)
 
 
 def deepen(shallow_dir: Path, out_dir: Path, recipe: Recipe) -> None:
@@ -404,15 +426,14 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
     """Every stage up to the exported target that is not there yet, each resuming from the one before."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    encoded: dict = {}  # grammar -> the encoded training rows
+    encoded: list = []  # the encoded training rows
 
-    def rows_of(rows: dict, round_index: int) -> list:
+    def rows_of(rows: dict) -> list:
         """A round's training rows, encoded the first time a stage still has to train (it takes minutes)."""
-        grammar = "direction" if round_index < recipe.direction_grammar_rounds else world.CLIP_GRAMMARS[0]
-        if grammar not in encoded:
-            encoded[grammar] = encode_split(init, in_grammar(data / "train.jsonl", grammar))
-            report["train_examples"] = len(encoded[grammar])
-        return first_rows(encoded[grammar], rows)
+        if not encoded:
+            encoded.extend(encode_split(init, data / "train.jsonl"))
+            report["train_examples"] = len(encoded)
+        return first_rows(encoded, rows)
 
     shallow_dirs = [out / ("shallow" if i == 0 else f"shallow-{i + 1}") for i in range(len(recipe.shallow_rounds))]
     deep_dirs = [out / ("deep" if i == 0 else f"deep-{i + 1}") for i in range(len(recipe.deep_rounds))]
@@ -424,7 +445,7 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
     previous = init
     for round_index, ((epochs, lr, rows), shallow_dir) in enumerate(zip(recipe.shallow_rounds, shallow_dirs)):
         if shallow_dir not in skip:
-            round_set = rows_of(rows, round_index)
+            round_set = rows_of(rows)
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(previous, dtype=torch.float32)
             steps = int(epochs * len(round_set) / recipe.batch_size)
             t0 = time.time()
@@ -442,7 +463,7 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
         if deep_dir not in skip:
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(previous, dtype=torch.float32)
             t0 = time.time()
-            deep_set = rows_of(recipe.shallow_rounds[-1][2], len(recipe.shallow_rounds) - 1)  # the last round's rows
+            deep_set = rows_of(recipe.shallow_rounds[-1][2])  # the last round's rows
             train(model, deep_set, steps, lr, recipe, log, deep_dir.name, probe_from, deep_dir)
             report[f"{deep_dir.name.replace('-', '_')}_train_s"] = round(time.time() - t0)
             report_path.write_text(json.dumps(report, indent=1))
@@ -459,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--image-size", type=int, default=Recipe.image_size,
                    help="pixels per side of the world's images (84: one merged visual token per grid cell; see "
-                        "image_size_ab.py); the shipped target is 112")
+                        "image_size_ab.py)")
     p.add_argument("--quick", action="store_true", help="a tiny run of every stage (smoke test)")
     args = p.parse_args(argv)
     if args.image_size % 28:
@@ -468,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Recipe(image_size=args.image_size)
     if args.quick:
         recipe = Recipe(heldout=2, batch_size=4, shallow_rounds=((1, 2e-3, {t: 8 for t in world.TASKS}),) * 2,
-                        direction_grammar_rounds=1, deep_rounds=((2, 3e-4), (2, 2e-4)), warmup=2, layers=8,
+                        deep_rounds=((2, 3e-4), (2, 2e-4)), warmup=2, layers=8,
                         shallow_layers=2, image_size=args.image_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
