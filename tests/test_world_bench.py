@@ -307,6 +307,10 @@ def test_a_stopped_round_resumes_from_its_saved_progress_to_the_same_weights(tmp
         run("stopped", fail_at=4)  # in step 4, after the save at step 2
     assert recipe_mod.progress_path(tmp_path / "stopped").exists()
     assert not (tmp_path / "stopped" / "config.json").exists()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="steps 5, now 6.*delete it"):  # the recipe changed since the save
+        recipe_mod.train(model, rows, 6, 1e-3, recipe, tmp_path / "log.jsonl", "stopped", init,
+                         tmp_path / "stopped", fresh_probe=True)
     calls.clear()
     resumed = run("stopped")
     assert calls == order[2:]  # steps 3-5 only, on the batches the unbroken round took there

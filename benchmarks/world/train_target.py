@@ -256,9 +256,10 @@ def progress_path(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".progress.safetensors")
 
 
-def save_progress(path: Path, step: int, model, probe, opt) -> None:
+def save_progress(path: Path, step: int, model, probe, opt, round_facts: dict) -> None:
     """A round's state after `step` steps, in one safetensors file written atomically: model, probe and
-    AdamW moments. The batch order is not stored: it is replayed from the seed."""
+    AdamW moments, with `round_facts` (its steps, lr and rows). The batch order is not stored: it is replayed
+    from the seed."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
@@ -267,19 +268,25 @@ def save_progress(path: Path, step: int, model, probe, opt) -> None:
     for index, state in opt.state_dict()["state"].items():
         tensors.update({f"opt.{index}.{k}": v.reshape(-1) if k == "step" else v for k, v in state.items()})
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata={"step": str(step)})
+    save_file(tensors, tmp, metadata={"step": str(step), **{k: str(v) for k, v in round_facts.items()}})
     tmp.replace(path)
 
 
-def load_progress(path: Path, model, probe, opt) -> int:
-    """Restore `save_progress`'s state; returns the steps already done (0 without a saved state)."""
+def load_progress(path: Path, model, probe, opt, round_facts: dict) -> int:
+    """Restore `save_progress`'s state; returns the steps already done (0 without a saved state). A state saved
+    by another round (the recipe changed since) is refused: its schedule and batches would not continue."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     if not path.exists():
         return 0
     with safe_open(path, "pt") as f:
-        step = int(f.metadata()["step"])
+        saved = f.metadata()
+    mismatch = [f"{k} {saved[k]}, now {v}" for k, v in round_facts.items() if k in saved and saved[k] != str(v)]
+    if mismatch:
+        raise RuntimeError(f"{path} was saved by another round ({'; '.join(mismatch)}): delete it to start this "
+                           "round afresh")
+    step = int(saved["step"])
     tensors = load_file(path)
     part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     model.load_state_dict(part("model."))
@@ -312,7 +319,8 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
     opt = torch.optim.AdamW([*model.parameters(), *(probe.parameters() if probe else ())], lr=lr,
                             weight_decay=0.01, betas=(0.9, 0.98))
     progress = progress_path(out_dir)
-    done = load_progress(progress, model, probe, opt)
+    round_facts = {"steps": steps, "lr": lr, "rows": len(samples)}
+    done = load_progress(progress, model, probe, opt, round_facts)
     seen: list = []  # the vision tower's outputs in this forward (images first, then videos)
     model.model.visual.register_forward_hook(lambda _m, _i, out: seen.append(out.pooler_output))
     model.train()
@@ -350,7 +358,7 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
                 log.write(json.dumps(line) + "\n")
                 log.flush()
             if (step + 1) % recipe.save_every == 0 and step + 1 < steps:
-                save_progress(progress, step + 1, model, probe, opt)
+                save_progress(progress, step + 1, model, probe, opt, round_facts)
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     if probe:
