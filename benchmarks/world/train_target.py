@@ -249,6 +249,15 @@ def batches(samples: list, batch_size: int, rng: random.Random) -> list[list]:
     return [[samples[i] for i in g] for g in groups]
 
 
+def batch_stream(samples: list, batch_size: int, seed: int):
+    """Endless `batches`, epoch after epoch, in an order fixed by `seed` (a resumed round replays it)."""
+    rng = random.Random(seed)
+    while True:
+        queue = batches(samples, batch_size, rng)
+        while queue:
+            yield queue.pop()
+
+
 PROBE_FILE = "vision_probe.safetensors"  # beside each stage's model; a training aid, never shipped
 
 
@@ -309,7 +318,6 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
     from it with the same batches in the same order."""
     from safetensors.torch import load_file, save_file
 
-    rng = random.Random(recipe.seed)
     group_tokens = (recipe.image_size // 28) ** 2
     probe = None
     if fresh_probe or (probe_from / PROBE_FILE).exists():
@@ -324,17 +332,13 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
     seen: list = []  # the vision tower's outputs in this forward (images first, then videos)
     model.model.visual.register_forward_hook(lambda _m, _i, out: seen.append(out.pooler_output))
     model.train()
-    queue: list = []
+    stream = batch_stream(samples, recipe.batch_size, recipe.seed)
     for _ in range(done):  # replay the batch order up to where the saved progress stopped
-        if not queue:
-            queue = batches(samples, recipe.batch_size, rng)
-        queue.pop()
+        next(stream)
     start = time.time()
     with open(log_path, "a") as log:
         for step in range(done, steps):
-            if not queue:
-                queue = batches(samples, recipe.batch_size, rng)
-            chosen = queue.pop()
+            chosen = next(stream)
             batch = collate(chosen)
             scale = min(1.0, (step + 1) / recipe.warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
             for group in opt.param_groups:
