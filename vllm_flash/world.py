@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,6 +208,42 @@ def example(task: str, seed: int, clip_grammar: str = "destination") -> dict:
 
 
 SPLIT_SEEDS = {"train": 0, "heldout": 1_000_000}  # disjoint seed ranges
+
+
+# The sentence kinds the world's answers are made of, told apart by their wording (the first pattern that
+# matches names the kind), so that a target's errors can be counted by what it got wrong: an object it saw, or a
+# relation or event it had to work out.
+SENTENCE_KINDS = (
+    ("count", r"^(The picture shows|There (is|are)) "),
+    ("object", r"^A (small|large) \w+ \w+ is in "),
+    ("relation", r" is (above|below|to the left of|to the right of) the "),
+    ("colors", r"^The colors are "),
+    ("size", r"^It is (small|large)$"),
+    ("color", r"^The \w+ in the [\w ]+ is \w+$"),
+    ("place", r"^The \w+ \w+ is in "),
+    ("frames", r"^The video has "),
+    ("start", r"^At the start "),
+    ("end", r"^At the end "),
+    ("appear", r" appears in "),
+    ("disappear", r" disappears$"),
+    ("move", r" (moves|stays) "),
+)
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in text.strip().rstrip(".").split(". ") if s.strip()]
+
+
+def sentence_kind(sentence: str) -> str:
+    for kind, pattern in SENTENCE_KINDS:
+        if re.search(pattern, sentence):
+            return kind
+    raise ValueError(f"not a sentence of the toy world's grammar: {sentence!r}")
+
+
+def missed_sentences(output: str, reference: str) -> Counter:
+    """How many of the reference's sentences of each kind the output lacks (as a multiset: order aside)."""
+    return Counter(sentence_kind(s) for s in (Counter(sentences(reference)) - Counter(sentences(output))).elements())
 
 
 def write_split(out_dir: str | Path, task: str, split: str, n: int, image_size: int = IMAGE_SIZE) -> Path:

@@ -24,6 +24,7 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,9 +54,17 @@ class Recipe:
     batch_size: int = 16
     # (epochs, peak lr, training rows per task) per round, each with its own warm-up and cosine decay. Rounds 4
     # and 5 because after three the held-out answers were still far from right (exact image captions 32%, clips
-    # 15%) and train and held-out loss were equal (under-fitted).
+    # 15%) and train and held-out loss were equal (under-fitted). Rounds 6 and 7 because after four the model was
+    # still under-fitted and colours, the most-missed caption words, got only a fifth of the batches: round 6 halves
+    # the clips, so image captions get over a quarter. Rounds 8 and 9 because after seven the clips were right
+    # more often than the shipped 112-px target's and the image captions far less: nearly all their errors were in
+    # the relation sentences ("The red circle is above the blue star."), which must be worked out from the
+    # objects named before, so these rounds give each image task a third of the batches.
     shallow_rounds: tuple = ((2.0, 2e-3, TRAIN_ROWS), (2.0, 1e-3, TRAIN_ROWS), (1.5, 4e-4, TRAIN_ROWS),
-                             (2.0, 6e-4, TRAIN_ROWS), (2.0, 3e-4, TRAIN_ROWS))
+                             (2.0, 6e-4, TRAIN_ROWS), (2.0, 3e-4, TRAIN_ROWS),
+                             (2.0, 5e-4, {**TRAIN_ROWS, "video_caption": 8000}), (2.0, 2.5e-4, TRAIN_ROWS),
+                             (2.0, 4e-4, {**TRAIN_ROWS, "video_caption": 5000}),
+                             (2.0, 2e-4, {**TRAIN_ROWS, "video_caption": 5000}))
     # (steps, peak lr) per fine-tune of the deepened model, each on the last shallow round's rows. A second one
     # of 540 steps at 2e-4, tried from the shipped weights when a fourteenth shallow round had left video where
     # the thirteenth did, moved no task beyond the noise of 60 held-out rows, so the recipe keeps one.
@@ -402,8 +411,9 @@ def deepen(shallow_dir: Path, out_dir: Path, recipe: Recipe) -> None:
 def heldout_accuracy(target: Path, per_task: int, image_size: int, max_tokens: int = 160,
                      tasks: tuple = world.TASKS) -> dict:
     """How right the served target (vLLM, the shipped bf16 weights) is on the held-out split, per task:
-    the share of greedy answers exactly equal to the world's reference, and the share of reference words
-    reproduced in place (a softer measure: one wrong colour costs one word, not the whole caption)."""
+    the share of greedy answers exactly equal to the world's reference, the share of reference words
+    reproduced in place (a softer measure: one wrong colour costs one word, not the whole caption), and the
+    reference sentences missing from the answers, per kind (what is wrong: an object, a relation, an event)."""
     from vllm import LLM, SamplingParams
 
     from vllm_flash.evaluate import engine_env
@@ -417,12 +427,16 @@ def heldout_accuracy(target: Path, per_task: int, image_size: int, max_tokens: i
         outputs = llm.generate([p[0] for p in pairs], SamplingParams(temperature=0.0, max_tokens=max_tokens),
                                use_tqdm=False)
         exact, words, total = 0, 0, 0
+        missed, sentences = Counter(), Counter()
         for out, (_, reference) in zip(outputs, pairs):
             got, ref = out.outputs[0].text.strip().split(), reference.split()
             exact += got == ref
             words += sum(a == b for a, b in zip(got, ref))
             total += len(ref)
-        accuracy[task] = {"exact_match": round(exact / per_task, 3), "word_accuracy": round(words / total, 3)}
+            missed += world.missed_sentences(out.outputs[0].text, reference)
+            sentences += Counter(map(world.sentence_kind, world.sentences(reference)))
+        accuracy[task] = {"exact_match": round(exact / per_task, 3), "word_accuracy": round(words / total, 3),
+                          "missed_sentences": {kind: f"{missed[kind]}/{n}" for kind, n in sentences.items()}}
     return accuracy
 
 
