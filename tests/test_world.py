@@ -5,8 +5,8 @@ import json
 import pytest
 
 from vllm_flash.data import BadDataReport, read_conversations
-from vllm_flash.world import (COLORS, NUMBERS, TASKS, example, missed_sentences, render, sample_scene, sentence_kind,
-                              sentences, write_split)
+from vllm_flash.world import (COLORS, NUMBERS, TASKS, example, render, sample_scene, sentence_kind, sentences,
+                              write_split, wrong_sentences)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -86,7 +86,8 @@ def test_clip_grammars_word_the_same_frames_and_name_each_move():
 
 def test_every_sentence_has_a_kind_and_a_wrong_one_is_counted_by_it():
     """Held-out errors are counted per sentence kind (an object seen, a relation worked out, an event): every
-    sentence the world writes must have its kind, and a changed sentence counts as one missed of that kind."""
+    sentence the world writes must have its kind, and a changed sentence counts as one missed and one extra
+    of that kind."""
     seen = {task: set() for task in TASKS}
     for task in TASKS:
         for seed in range(300):
@@ -97,10 +98,11 @@ def test_every_sentence_has_a_kind_and_a_wrong_one_is_counted_by_it():
                     "video_caption": {"frames", "start", "appear", "disappear", "move", "end"}}
     reference = next(a for a in (example("image_caption", s)["answer"] for s in range(50)) if " is above the " in a)
     wrong_relation = reference.replace(" is above the ", " is below the ", 1)
-    assert missed_sentences(wrong_relation, reference) == {"relation": 1}
-    assert missed_sentences(reference, reference) == {}
+    assert wrong_sentences(wrong_relation, reference) == ({"relation": 1}, {"relation": 1})
+    assert wrong_sentences(reference, reference) == ({}, {})
     first_object = next(s for s in sentences(reference) if sentence_kind(s) == "object")
-    assert missed_sentences(reference.replace(first_object + ". ", ""), reference) == {"object": 1}
+    assert wrong_sentences(reference.replace(first_object + ". ", ""), reference) == ({"object": 1}, {})
+    assert wrong_sentences(reference + " The cat sat on the mat.", reference) == ({}, {"unparsed": 1})
     with pytest.raises(ValueError, match="grammar"):
         sentence_kind("The cat sat on the mat")
 

@@ -117,6 +117,7 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
     # every held-out caption has one "The picture shows ..." sentence and one per object (2 rows in --quick)
     image_missed = accuracy["image_caption"]["missed_sentences"]
     assert image_missed["count"].endswith("/2") and int(image_missed["object"].split("/")[1]) >= 4
+    assert set(accuracy["image_caption"]["extra_sentences"]) <= {kind for kind, _ in world.SENTENCE_KINDS} | {"unparsed"}
     with safe_open(out / "target" / "model.safetensors", "pt") as st:
         assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"BF16"}
     assert json.loads((out / "target" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 8

@@ -234,16 +234,23 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in text.strip().rstrip(".").split(". ") if s.strip()]
 
 
-def sentence_kind(sentence: str) -> str:
+def sentence_kind(sentence: str, strict: bool = True) -> str:
+    """The kind of one sentence of the world's grammar; with `strict=False` (a model's output) any other
+    sentence is "unparsed"."""
     for kind, pattern in SENTENCE_KINDS:
         if re.search(pattern, sentence):
             return kind
-    raise ValueError(f"not a sentence of the toy world's grammar: {sentence!r}")
+    if strict:
+        raise ValueError(f"not a sentence of the toy world's grammar: {sentence!r}")
+    return "unparsed"
 
 
-def missed_sentences(output: str, reference: str) -> Counter:
-    """How many of the reference's sentences of each kind the output lacks (as a multiset: order aside)."""
-    return Counter(sentence_kind(s) for s in (Counter(sentences(reference)) - Counter(sentences(output))).elements())
+def wrong_sentences(output: str, reference: str) -> tuple[Counter, Counter]:
+    """Per kind, the reference's sentences that the output lacks and the output's that the reference lacks
+    (as multisets: order aside). A wrong relation is one of each; a made-up one is extra only."""
+    said, meant = Counter(sentences(output)), Counter(sentences(reference))
+    return (Counter(sentence_kind(s) for s in (meant - said).elements()),
+            Counter(sentence_kind(s, strict=False) for s in (said - meant).elements()))
 
 
 def write_split(out_dir: str | Path, task: str, split: str, n: int, image_size: int = IMAGE_SIZE) -> Path:
