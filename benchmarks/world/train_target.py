@@ -55,7 +55,8 @@ class Recipe:
     # (epochs, peak lr, training rows per task) per round, each with its own warm-up and cosine decay. Rounds 4
     # and 5 because after three the held-out answers were still far from right (exact image captions 32%, clips
     # 15%) and train and held-out loss were equal (under-fitted). Rounds 6 and 7 because after four the model was
-    # still under-fitted and colours, the most-missed caption words, got only a fifth of the batches: round 6 halves
+    # still under-fitted and colours, the most-missed caption words teacher-forced (later traced to the relation
+    # sentences), got only a fifth of the batches: round 6 halves
     # the clips, so image captions get over a quarter. Rounds 8 and 9 because after seven the clips were right
     # more often than the shipped 112-px target's and the image captions far less: nearly all their errors were in
     # the relation sentences ("The red circle is above the blue star."), which must be worked out from the
