@@ -113,9 +113,10 @@ def test_a_target_is_asked_about_images_of_the_size_it_was_trained_at(tmp_path):
     from vllm_flash.bench import REPO_ASSETS, build_requests
     from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
 
-    assert world.image_size_of(REPO_ASSETS / "target") == 112
-    built = build_tiny_qwen2_5_vl(tmp_path / "t", num_layers=1, hidden=64, image_size=84)
-    assert world.image_size_of(built) == 84
+    assert world.image_size_of(REPO_ASSETS / "target") == world.IMAGE_SIZE == 84
+    # a target built for another size (the first shipped target was trained at 112 px) gets that size
+    built = build_tiny_qwen2_5_vl(tmp_path / "t", num_layers=1, hidden=64, image_size=112)
+    assert world.image_size_of(built) == 112
     requests, _ = build_requests(("image_caption", "video_caption"), 1, built)
-    assert requests["image_caption"][0]["multi_modal_data"]["image"].size == (84, 84)
-    assert requests["video_caption"][0]["multi_modal_data"]["video"][0].shape[1:3] == (84, 84)
+    assert requests["image_caption"][0]["multi_modal_data"]["image"].size == (112, 112)
+    assert requests["video_caption"][0]["multi_modal_data"]["video"][0].shape[1:3] == (112, 112)
