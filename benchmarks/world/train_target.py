@@ -8,7 +8,7 @@ Why this recipe: a 1-layer draft costs about what a 7B LMM's draft costs (c ~ 0.
   3. fine-tune the whole deep model, so the new layers carry real weights and the depth is put to use;
   4. export in bf16 (what ships) and measure held-out accuracy with those exact weights.
 
-    .venv/bin/python benchmarks/world/train_target.py --out build/world   # ~3 h 40 min on 2 cores
+    .venv/bin/python benchmarks/world/train_target.py --out build/world   # ~4 h 30 min on 2 cores
 
 Each stage writes its result under OUT, and a run starts after the latest stage already there, so a stopped
 run resumes where it stopped, and a later stage can be trained from an earlier stage's checkpoint alone. A
@@ -58,7 +58,7 @@ class Recipe:
     # still under-fitted and colours, the most-missed caption words teacher-forced (later traced to the relation
     # sentences), got only a fifth of the batches: round 6 halves
     # the clips, so image captions get over a quarter. Rounds 8 and 9 because after seven the clips were right
-    # more often than the shipped 112-px target's and the image captions far less: nearly all their errors were in
+    # more often than the 112-px target's and the image captions far less: nearly all their errors were in
     # the relation sentences ("The red circle is above the blue star."), which must be worked out from the
     # objects named before, so these rounds give each image task a third of the batches. Round 10 because after
     # nine, deepened and fine-tuned, the target was ahead of the 112-px one on clips (57% exactly right of 200
@@ -78,7 +78,7 @@ class Recipe:
                              (1.5, 3e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 5000}),
                              (1.5, 2e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 16000}))
     # (steps, peak lr) per fine-tune of the deepened model, each on the last shallow round's rows. A second one
-    # of 540 steps at 2e-4, tried from the shipped weights when a fourteenth shallow round had left video where
+    # of 540 steps at 2e-4, tried from the 112-px target's weights when a fourteenth shallow round had left video where
     # the thirteenth did, moved no task beyond the noise of 60 held-out rows, so the recipe keeps one.
     deep_rounds: tuple = ((150, 3e-4),)
     warmup: int = 100
