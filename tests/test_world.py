@@ -1,12 +1,13 @@
 """The toy multimodal world: deterministic, structured, readable by the training pipeline."""
 import hashlib
 import json
+from collections import Counter
 
 import pytest
 
 from vllm_flash.data import BadDataReport, read_conversations
-from vllm_flash.world import (COLORS, NUMBERS, TASKS, example, render, sample_scene, sentence_kind, sentences,
-                              write_split, wrong_sentences)
+from vllm_flash.world import (COLORS, NUMBERS, TASKS, example, question_kind, render, sample_scene, sentence_kind,
+                              sentences, write_split, wrong_sentences)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -82,6 +83,26 @@ def test_clip_grammars_word_the_same_frames_and_name_each_move():
     assert moves > 20
     with pytest.raises(ValueError, match="clip grammar"):
         example("video_caption", 0, "backwards")
+
+
+def test_every_question_names_one_object_or_asks_about_all():
+    """A question that fits two objects ("Where is the yellow star?" with two yellow stars) has no right answer,
+    so a target could be wrong on it whatever it said: the world asks no such question."""
+    kinds = Counter()
+    for seed in range(600):
+        ex = example("visual_qa", seed)
+        scene, q = ex["scenes"][0], ex["question"]
+        kinds[question_kind(q)] += 1
+        if q.startswith("Where is the "):
+            color, shape = q[len("Where is the "):-1].split()
+            assert sum((o.color, o.shape) == (color, shape) for o in scene) == 1, (seed, q)
+        if q.startswith("What color is the "):
+            shape, place = q[len("What color is the "):-1].split(" in ", 1)
+            assert sum((o.shape, o.place) == (shape, place) for o in scene) == 1, (seed, q)
+    # the held-out check counts right answers per kind of question; the ambiguous "where" ones became "color"
+    assert set(kinds) == {"count", "color", "where", "shape_count"} and kinds["color"] > kinds["where"] > 100, kinds
+    with pytest.raises(ValueError, match="question"):
+        question_kind("Describe the picture.")
 
 
 def test_every_sentence_has_a_kind_and_a_wrong_one_is_counted_by_it():

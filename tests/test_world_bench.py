@@ -118,6 +118,10 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
     image_missed = accuracy["image_caption"]["missed_sentences"]
     assert image_missed["count"].endswith("/2") and int(image_missed["object"].split("/")[1]) >= 4
     assert set(accuracy["image_caption"]["extra_sentences"]) <= {kind for kind, _ in world.SENTENCE_KINDS} | {"unparsed"}
+    asked = accuracy["visual_qa"]["exact_by_question"]  # the 2 held-out questions, right ones by kind
+    assert sum(int(v.split("/")[1]) for v in asked.values()) == 2
+    assert all(world.question_kind(world.example("visual_qa", world.SPLIT_SEEDS["heldout"] + i)["question"]) in asked
+               for i in range(2))
     with safe_open(out / "target" / "model.safetensors", "pt") as st:
         assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"BF16"}
     assert json.loads((out / "target" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 8

@@ -125,6 +125,11 @@ def caption(objects: list[Obj]) -> str:
 def question(rng: random.Random, objects: list[Obj]) -> tuple[str, str]:
     o = rng.choice(objects)
     kind = rng.choice(["count", "color", "where", "shape_count"])
+    if kind == "where" and sum((x.color, x.shape) == (o.color, o.shape) for x in objects) > 1:
+        # two objects fit "the yellow star": no answer would be the right one (a quarter of the "where"
+        # questions, stars being mostly yellow), so ask about its colour, which its place names uniquely. The
+        # draws stay the same, so every other question is what it was.
+        kind = "color"
     if kind == "count":
         return "How many objects are in the picture?", (
             f"There are {NUMBERS[len(objects)]} objects in the picture: "
@@ -137,6 +142,16 @@ def question(rng: random.Random, objects: list[Obj]) -> tuple[str, str]:
     return f"How many {o.shape}s are there?", (
         f"There {'is' if len(same) == 1 else 'are'} {NUMBERS[len(same)]} {o.shape}{'' if len(same) == 1 else 's'}: "
         + ", ".join(f"a {x.color} one in {x.place}" for x in same) + ".")
+
+
+def question_kind(text: str) -> str:
+    """Which of `question`'s kinds a question is, by its wording."""
+    if text.startswith("How many objects "):
+        return "count"
+    for kind, opening in (("shape_count", "How many "), ("color", "What color "), ("where", "Where is ")):
+        if text.startswith(opening):
+            return kind
+    raise ValueError(f"not a question of the toy world: {text!r}")
 
 
 # How a clip's caption words its events. "direction", the first grammar, named a move's direction before its
