@@ -368,7 +368,8 @@ def test_drafts_learn_from_an_equal_share_of_each_task(tmp_path):
     drafts_mod = _load(ROOT / "benchmarks" / "world" / "train_drafts.py")
     recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
     rows = {"image_caption": 2, "visual_qa": 2, "video_caption": 4}
-    data = recipe_mod.write_data(tmp_path, recipe_mod.Recipe(heldout=1, shallow_rounds=((1, 1e-3, rows),), deep_rounds=()))
+    recipe = recipe_mod.Recipe(heldout=1, shallow_rounds=((1, 1e-3, rows),), deep_rounds=())
+    data = recipe_mod.write_data(tmp_path, recipe)
     chosen = [json.loads(line)["id"] for line in drafts_mod.distill_rows(data, 6)]
     assert sorted(chosen) == sorted(f"{task}-train-{i}" for task in rows for i in range(2))
 

@@ -78,14 +78,15 @@ class Recipe:
                              (2.0, 3e-4, {**TRAIN_ROWS, "video_caption": 8000}),
                              (1.5, 3e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 5000}),
                              (1.5, 2e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 16000}))
-    # (steps, peak lr, training rows per task) per fine-tune of the deepened model. The first is on the last shallow
-    # round's rows. (A second of 540 steps at 2e-4 on the same rows, tried from the 112-px target's weights,
-    # moved no task beyond the noise of 60 held-out rows.) The second is on twice the distinct questions, because
-    # after twelve rounds and the first fine-tune the answers were the weakest task (75.5% exactly right on 200
-    # held-out rows once every question had one right answer), and "How many triangles are there?" the weakest question (13 of 47 right): it must pick
-    # the objects of one shape out of the scene, which four layers had not learned and 24 may. Half its rows are
-    # questions, three tenths clips (67.5% right). It took the answers from 75.5% to 79.5% (shape questions 13 to 17
-    # of 47 right) and the clips from 67.5% to 68.5%; image captions 82% to 79%, within the noise.
+    # (steps, peak lr, training rows per task) per fine-tune of the deepened model. The first is on the last
+    # shallow round's rows. (A second of 540 steps at 2e-4 on the same rows, tried from the 112-px target's
+    # weights, moved no task beyond the noise of 60 held-out rows.) The second is on twice the distinct
+    # questions, because after twelve rounds and the first fine-tune the answers were the weakest task (75.5%
+    # exactly right on 200 held-out rows once every question had one right answer), and "How many triangles are
+    # there?" the weakest question (13 of 47 right): it must pick the objects of one shape out of the scene,
+    # which four layers had not learned and 24 may. Half its rows are questions, three tenths clips (67.5%
+    # right). It took the answers from 75.5% to 79.5% (shape questions 13 to 17 of 47 right) and the clips from
+    # 67.5% to 68.5%; image captions 82% to 79%, within the noise.
     deep_rounds: tuple = ((150, 3e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 16000}),
                           (1200, 2e-4, {"image_caption": 8000, "visual_qa": 20000, "video_caption": 12000}))
     warmup: int = 100
@@ -552,8 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         recipe = Recipe(heldout=2, batch_size=4, shallow_rounds=((1, 2e-3, {t: 8 for t in world.TASKS}),) * 2,
                         deep_rounds=((2, 3e-4, {t: 8 for t in world.TASKS}),
-                                     (2, 2e-4, {**{t: 8 for t in world.TASKS}, "visual_qa": 10})), warmup=2, layers=8,
-                        shallow_layers=2, image_size=args.image_size)
+                                     (2, 2e-4, {**{t: 8 for t in world.TASKS}, "visual_qa": 10})),
+                        warmup=2, layers=8, shallow_layers=2, image_size=args.image_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
