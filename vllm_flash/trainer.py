@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ def preflight(out: Path) -> None:
     """Fail before any work when the output cannot be written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # per process: DDP ranks probe the same folder at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
