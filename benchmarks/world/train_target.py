@@ -88,10 +88,11 @@ class Recipe:
     # which four layers had not learned and 24 may. Half its rows are questions, three tenths clips (67.5%
     # right). It took the answers from 75.5% to 79.5% (shape questions 13 to 17 of 47 right) and the clips from
     # 67.5% to 68.5%; image captions 82% to 79%, within the noise. The third is on 1.6 times the distinct rows
-    # of every task, most of them new: after the second the training loss was near zero (0.01) while a fifth of
-    # the held-out answers and a third of the clips were wrong, so more distinct rows, not more passes, and
-    # "How many triangles?" was still wrong 30 times in 47, 26 of them naming fewer than there are (0 of 14
-    # right with three or four), where "How many objects?", which every caption also counts, was right 49 of 49.
+    # of every task, most of them new, because after the second the training loss was near zero (0.01) while a
+    # fifth of the held-out answers and a third of the clips were wrong: more distinct rows, not more passes.
+    # It took image captions from 79% to 82%, answers from 79.5% to 82.5% (shape questions 17 to 19 of 47) and
+    # clips from 68.5% to 66.5%, each within the noise. (The shape questions nearly always name too few objects:
+    # the answer gives the count before it lists them.)
     deep_rounds: tuple = ((150, 3e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 16000}),
                           (1200, 2e-4, {"image_caption": 8000, "visual_qa": 20000, "video_caption": 12000}),
                           (1200, 2e-4, {"image_caption": 16000, "visual_qa": 32000, "video_caption": 24000}))
