@@ -1,6 +1,7 @@
 """Training a FLASH draft: bad data accounting, features, resume, and the full train -> eval path in vLLM."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -85,6 +86,19 @@ def test_unwritable_output_fails_before_any_work(tmp_path, qwen_target):
     blocker.write_text("x")
     with pytest.raises(SystemExit, match="cannot write to"):
         main(["train", "--target", str(qwen_target), "--data", "missing.jsonl", "--out", str(blocker / "out")])
+
+
+def test_preflight_leaves_another_process_probe_alone(tmp_path):
+    """DDP ranks run the preflight on one output folder at once: a rank must not write or remove the file
+    another rank is probing with (a shared probe name once made a rank's unlink find it gone)."""
+    from vllm_flash.trainer import preflight
+
+    others = [tmp_path / ".write-test", tmp_path / f".write-test-{os.getpid() + 1}"]
+    for other in others:
+        other.write_text("another rank's")
+    preflight(tmp_path)
+    assert [other.read_text() for other in others] == ["another rank's"] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(other.name for other in others)
 
 
 @pytest.mark.parametrize("media", ["image", "video"])

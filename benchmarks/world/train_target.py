@@ -87,9 +87,10 @@ class Recipe:
     # there?" the weakest question (13 of 47 right): it must pick the objects of one shape out of the scene,
     # which four layers had not learned and 24 may. Half its rows are questions, three tenths clips (67.5%
     # right). It took the answers from 75.5% to 79.5% (shape questions 13 to 17 of 47 right) and the clips from
-    # 67.5% to 68.5%; image captions 82% to 79%, within the noise. The third is on 1.6 times the distinct rows
-    # of every task, most of them new, because after the second the training loss was near zero (0.01) while a
-    # fifth of the held-out answers and a third of the clips were wrong: more distinct rows, not more passes.
+    # 67.5% to 68.5%; image captions 82% to 79%, within the noise. The third is on 1.5-1.6 times the most rows
+    # any round had of every task (26000 of 72000 new), because after the second the training loss was near
+    # zero (0.01) while a fifth of the held-out answers and a third of the clips were wrong: more distinct rows,
+    # not more passes.
     # It took image captions from 79% to 82%, answers from 79.5% to 82.5% (shape questions 17 to 19 of 47) and
     # clips from 68.5% to 66.5%, each within the noise. (The shape questions nearly always name too few objects:
     # the answer gives the count before it lists them.)
