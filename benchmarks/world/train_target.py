@@ -94,9 +94,10 @@ class Recipe:
     # It took image captions from 79% to 82%, answers from 79.5% to 82.5% (shape questions 17 to 19 of 47) and
     # clips from 68.5% to 66.5%, each within the noise. (The shape questions nearly always name too few objects:
     # the answer gives the count before it lists them. Worded the other way round, each object named first ("A
-    # small red triangle is in the top left. ... There are two triangles."), two more fine-tunes from the
-    # third's weights, 900 steps each at 2e-4 on the third's questions, answered fewer right, 11 of 47 after
-    # either: the objects named are as often of the wrong shape or missing, so the count was not what failed.)
+    # small red triangle is in the top left. ... There are two triangles."), a fine-tune from the third's
+    # weights and another after it, 900 steps each at 2e-4 on the third's questions, answered fewer right, 11 of
+    # 47 after either: objects of another shape were named about as often as objects were left out, so
+    # picking out one shape's objects fails, not the count coming first.)
     deep_rounds: tuple = ((150, 3e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 16000}),
                           (1200, 2e-4, {"image_caption": 8000, "visual_qa": 20000, "video_caption": 12000}),
                           (1200, 2e-4, {"image_caption": 16000, "visual_qa": 32000, "video_caption": 24000}))
