@@ -141,3 +141,23 @@ def test_a_target_is_asked_about_images_of_the_size_it_was_trained_at(tmp_path):
     requests, _ = build_requests(("image_caption", "video_caption"), 1, built)
     assert requests["image_caption"][0]["multi_modal_data"]["image"].size == (112, 112)
     assert requests["video_caption"][0]["multi_modal_data"]["video"][0].shape[1:3] == (112, 112)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_request_asks_about_the_split_it_names(task):
+    """`request` renders the example of the split it is given (training rows tell an under-fitted target from an
+    over-fitted one), held-out unless told."""
+    import numpy as np
+
+    from vllm_flash import world
+
+    for split in ("train", "heldout"):
+        ex = example(task, world.SPLIT_SEEDS[split] + 3)
+        prompt, answer = world.request(task, 3, 84, split)
+        assert answer == ex["answer"] and ex["question"] in prompt["prompt"]
+        if task == "video_caption":
+            first_frame = prompt["multi_modal_data"]["video"][0][0]  # (frames, metadata)
+        else:
+            first_frame = np.asarray(prompt["multi_modal_data"]["image"])
+        assert (first_frame == np.asarray(render(ex["scenes"][0], 84))).all()
+    assert world.request(task, 3)[1] == example(task, world.SPLIT_SEEDS["heldout"] + 3)["answer"]

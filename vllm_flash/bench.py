@@ -151,7 +151,7 @@ def build_requests(tasks: tuple[str, ...], n: int, target: Path) -> tuple[dict[s
     from . import world
 
     size = world.image_size_of(target)
-    pairs = {task: [world.heldout_request(task, i, size) for i in range(n)] for task in tasks}
+    pairs = {task: [world.request(task, i, size) for i in range(n)] for task in tasks}
     return ({t: [p[0] for p in ps] for t, ps in pairs.items()}, {t: [p[1] for p in ps] for t, ps in pairs.items()})
 
 

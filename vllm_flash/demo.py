@@ -27,7 +27,7 @@ def run_demo(args) -> int:
                              f"assets/world/; pass --target/--draft, or retrain: bash benchmarks/world/retrain.sh)")
     items = [("image_caption", i) for i in range(args.images)] + [("video_caption", 0)]
     size = world.image_size_of(target)
-    pairs = [world.heldout_request(task, i, size) for task, i in items]
+    pairs = [world.request(task, i, size) for task, i in items]
     requests, references = [p[0] for p in pairs], [p[1] for p in pairs]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     common = dict(model=str(target), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,

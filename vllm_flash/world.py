@@ -304,14 +304,15 @@ def image_size_of(target: str | Path) -> int:
     return math.isqrt(processor["image_processor"]["size"]["longest_edge"])
 
 
-def heldout_request(task: str, index: int, image_size: int = IMAGE_SIZE) -> tuple[dict, str]:
-    """A held-out example as a Qwen2.5-VL vLLM request (rendered in memory) and its reference answer."""
+def request(task: str, index: int, image_size: int = IMAGE_SIZE, split: str = "heldout") -> tuple[dict, str]:
+    """An example of a split (held-out unless asked) as a Qwen2.5-VL vLLM request (rendered in memory) and its
+    reference answer."""
     import numpy as np
 
     from .data import video_input
     from .tiny_targets import chat_prompt
 
-    ex = example(task, SPLIT_SEEDS["heldout"] + index)
+    ex = example(task, SPLIT_SEEDS[split] + index)
     if task == "video_caption":
         frames = np.stack([np.asarray(render(scene, image_size)) for scene in ex["scenes"]])
         request = {"prompt": chat_prompt("qwen2_5_vl", ex["question"], video=True),
