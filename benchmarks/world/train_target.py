@@ -103,7 +103,7 @@ class Recipe:
     # of 44 right, as on held-out rows), so it is mostly under-fitted on what it must work out, not short of
     # distinct rows. (A fourth fine-tune, 1200 steps at 2e-4 on 16000 / 24000 / 24000 rows from the third's
     # weights, moved nothing beyond the noise, held out (83.5%, 80.5%, 66%; shape questions 18 of 47) or on
-    # training rows (88%, 87%, 79.5%; shape questions 22 of 44), so it was not kept.)
+    # training rows (88%, 87%, 79.5%; shape questions 22 of 44), so it was not kept; 400 steps at 6e-4 did worse.)
     deep_rounds: tuple = ((150, 3e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 16000}),
                           (1200, 2e-4, {"image_caption": 8000, "visual_qa": 20000, "video_caption": 12000}),
                           (1200, 2e-4, {"image_caption": 16000, "visual_qa": 32000, "video_caption": 24000}))
