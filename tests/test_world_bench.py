@@ -5,6 +5,7 @@
 - its padded training batches give every row the M-RoPE positions vLLM serves;
 - its training rounds carry the vision probe over from one round to the next, and each trains on the first
   rows of each task that it names; the drafts learn from an equal share of each task;
+- its accuracy check scores the split it is asked about (training rows tell under- from over-fitting);
 - diagnose_target.py scores a batch as training does, and finds each move's axis and frame pair;
 - `vllm-flash bench` runs every method on the shipped target + drafts (eagle3 included, read natively by vLLM),
   writes latest.json / latest.md / PNG plots, and every method's greedy output equals plain decoding;
@@ -147,6 +148,39 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
     assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
     assert set(stages()[before:]) == {"deep-2"} and len(encodings) == 2
     assert (out / "target" / "model.safetensors").exists() and not (out / "deep-2" / recipe_mod.PROBE_FILE).exists()
+
+
+def test_accuracy_scores_the_split_it_is_asked_about(monkeypatch):
+    """`heldout_accuracy(split="train")` asks about training rows and counts their kinds of question: a served
+    model that gives every training row's reference is exactly right there, and not on held-out rows."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    import vllm
+
+    from vllm_flash import world
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    asked_of = {"Describe the picture.": "image_caption", "Describe what happens in the video.": "video_caption"}
+
+    class TrainingAnswers:  # stands in for vLLM's LLM: answers the i-th request with training row i's reference
+        def __init__(self, **_):
+            pass
+
+        def generate(self, requests, params, use_tqdm):
+            task = next((t for q, t in asked_of.items() if q in requests[0]["prompt"]), "visual_qa")
+            return [SimpleNamespace(outputs=[SimpleNamespace(
+                text=world.example(task, world.SPLIT_SEEDS["train"] + i)["answer"])]) for i in range(len(requests))]
+
+    monkeypatch.setattr(vllm, "LLM", TrainingAnswers)
+    rows = 6
+    on_train = recipe_mod.heldout_accuracy(Path("unused"), rows, 84, split="train")
+    assert all(on_train[task]["exact_match"] == 1.0 for task in world.TASKS)
+    kinds = Counter(world.question_kind(world.example("visual_qa", world.SPLIT_SEEDS["train"] + i)["question"])
+                    for i in range(rows))
+    assert on_train["visual_qa"]["exact_by_question"] == {k: f"{n}/{n}" for k, n in sorted(kinds.items())}
+    held_out = recipe_mod.heldout_accuracy(Path("unused"), rows, 84)
+    assert all(held_out[task]["exact_match"] < 1.0 for task in world.TASKS)
 
 
 # Runs before the bench test: once vLLM's ngram proposer has imported numba in this process, vLLM 0.32 cannot
