@@ -161,3 +161,12 @@ def test_a_request_asks_about_the_split_it_names(task):
             first_frame = np.asarray(prompt["multi_modal_data"]["image"])
         assert (first_frame == np.asarray(render(ex["scenes"][0], 84))).all()
     assert world.request(task, 3)[1] == example(task, world.SPLIT_SEEDS["heldout"] + 3)["answer"]
+
+
+def test_a_split_written_by_several_processes_is_the_one_written_by_one(tmp_path):
+    one = write_split(tmp_path / "one", "video_caption", "train", 6)
+    two = write_split(tmp_path / "two", "video_caption", "train", 6, workers=2)
+    assert one.read_text() == two.read_text()
+    frames = lambda root: {p.relative_to(root): p.read_bytes()  # noqa: E731
+                           for p in sorted(root.rglob("*.png"))}
+    assert frames(tmp_path / "one") == frames(tmp_path / "two") and len(frames(tmp_path / "one")) >= 24

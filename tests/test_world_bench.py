@@ -4,7 +4,9 @@
 - its vision probe's labels line up with how the processor pairs video frames;
 - its padded training batches give every row the M-RoPE positions vLLM serves;
 - its training rounds carry the vision probe over from one round to the next, and each trains on the first
-  rows of each task that it names; the drafts learn from an equal share of each task;
+  rows of each task that it names, at its own batch size if it has one; the drafts learn from an equal share of
+  each task; its data is the same written or encoded by one process or several;
+- a GPU round's weights come back in parts and make a servable target again;
 - its accuracy check scores the split it is asked about (training rows tell under- from over-fitting);
 - diagnose_target.py scores a batch as training does, and finds each move's axis and frame pair;
 - `vllm-flash bench` runs every method on the shipped target + drafts (eagle3 included, read natively by vLLM),
@@ -360,6 +362,55 @@ def test_a_stopped_round_resumes_from_its_saved_progress_to_the_same_weights(tmp
     assert unbroken.keys() == resumed.keys()
     for name in unbroken:
         torch.testing.assert_close(resumed[name], unbroken[name], rtol=0, atol=1e-6)
+    sizes = []  # a round with its own batch size (a GPU round's) batches that many rows
+    monkeypatch.setattr(recipe_mod, "collate", lambda samples: sizes.append(len(samples)) or real_collate(samples))
+    recipe_mod.train(model, rows, 2, 1e-3, recipe, tmp_path / "log.jsonl", "pairs", init, tmp_path / "pairs",
+                     batch_size=2)
+    assert sizes == [2, 2]
+
+
+def test_rows_encoded_by_several_processes_are_those_encoded_by_one(tmp_path):
+    from vllm_flash import world
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    target = ROOT / "assets" / "world" / "target"
+    lines = [line for task in world.TASKS for line in
+             world.write_split(tmp_path, task, "train", 3).read_text().splitlines()]
+    (tmp_path / "all.jsonl").write_text("\n".join(lines) + "\n")
+    one = recipe_mod.encode_split(target, tmp_path / "all.jsonl")
+    two = recipe_mod.encode_split(target, tmp_path / "all.jsonl", 2)
+    assert [r.row_id for r in two] == [r.row_id for r in one] == [json.loads(line)["id"] for line in lines]
+    for a, b in zip(one, two):
+        assert a.target_from == b.target_from and torch.equal(a.token_ids, b.token_ids)
+        assert a.inputs.keys() == b.inputs.keys()
+        assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs if isinstance(a.inputs[k], torch.Tensor))
+
+
+def test_a_gpu_rounds_weights_come_back_in_parts_and_make_the_target_again(tmp_path):
+    """gpu_round.py sends a variant's bf16 weights back in parts under the GPU machine's 16 MiB a file, and
+    builds a servable target from them with the starting target's config and processor; weights of another
+    model are refused."""
+    from safetensors.torch import load_file, save_file
+
+    gpu_round = _load(ROOT / "benchmarks" / "world" / "gpu_round.py")
+    start = ROOT / "assets" / "world" / "target"
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    shipped = load_file(start / "model.safetensors")
+    save_file({k: v.float() + 1 for k, v in shipped.items()}, trained / "model.safetensors")  # fp32, as trained
+    gpu_round.save_parts(trained, tmp_path / "parts")
+    parts = sorted((tmp_path / "parts").glob("part-*.safetensors"))
+    assert len(parts) == 2 and all(p.stat().st_size < 16 * 2**20 for p in parts)
+    gpu_round.assemble(tmp_path / "parts", tmp_path / "target", start)
+    rebuilt = load_file(tmp_path / "target" / "model.safetensors")
+    assert rebuilt.keys() == shipped.keys()
+    assert all(torch.equal(rebuilt[k], (shipped[k].float() + 1).to(torch.bfloat16)) for k in shipped)
+    assert {f.name for f in (tmp_path / "target").iterdir()} == {f.name for f in start.iterdir()}
+    name = next(iter(shipped))
+    save_file({name: shipped[name]}, tmp_path / "parts" / "part-2.safetensors")
+    save_file({"extra.weight": torch.zeros(1)}, tmp_path / "parts" / "part-3.safetensors")
+    with pytest.raises(ValueError, match="other weights.*extra.weight"):
+        gpu_round.assemble(tmp_path / "parts", tmp_path / "target-2", start)
 
 
 def test_target_training_rounds_train_on_the_first_rows_they_name(tmp_path):
@@ -380,6 +431,8 @@ def test_target_training_rounds_train_on_the_first_rows_they_name(tmp_path):
     # a deep fine-tune's rows are written too
     deep = recipe_mod.Recipe(shallow_rounds=((1, 1e-3, few),), deep_rounds=((1, 1e-3, more),))
     assert recipe_mod.train_rows(deep) == more
+    batched = recipe_mod.Recipe(shallow_rounds=((1, 1e-3, few),), deep_rounds=((1, 1e-3, more, 64),))
+    assert recipe_mod.train_rows(batched) == more  # a round's own batch size is not its rows
     recipe_mod.write_data(tmp_path, large)
     after = {json.loads(line)["id"]: line for line in (data / "train.jsonl").read_text().splitlines()}
     assert sorted(after) == ["image_caption-train-0", "video_caption-train-0", "video_caption-train-1"]

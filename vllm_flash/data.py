@@ -272,6 +272,49 @@ def served_mrope_positions(inputs: dict, facts: dict) -> torch.Tensor:
     return torch.cat(pieces, dim=1)
 
 
+def encode_all(target: str | Path, conversations: list[Conversation], max_len: int, workers: int = 1,
+               pixel_dtype: torch.dtype | None = None) -> list[Encoded]:
+    """`encode` every conversation with `target`'s processor, in order, by `workers` processes, with the pixels
+    cast to `pixel_dtype` where given (a row that cannot be encoded raises)."""
+    if workers <= 1 or len(conversations) < 2:
+        return _encode_chunk((str(target), conversations, max_len, pixel_dtype))
+    import multiprocessing
+    import pickle
+
+    size = -(-len(conversations) // (workers * 8))  # a few chunks per process, so that none waits on the last
+    chunks = [(str(target), conversations[i:i + size], max_len, pixel_dtype)
+              for i in range(0, len(conversations), size)]
+    # a chunk comes back as one pickled blob of our own rows: sent as tensors, tens of thousands of rows would
+    # each hold a shared-memory file open at once
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        # imap: each blob is let go once read, so the rows are never held twice
+        return [row for blob in pool.imap(_encode_chunk_pickled, chunks) for row in pickle.loads(blob)]
+
+
+def _encode_chunk(job: tuple) -> list[Encoded]:
+    from transformers import AutoProcessor
+
+    from .checkpoint import load_target_config
+    from .config import target_facts
+
+    target, conversations, max_len, pixel_dtype = job
+    processor = AutoProcessor.from_pretrained(target)
+    facts = target_facts(load_target_config(target))
+    rows = [encode(c, processor, facts, max_len) for c in conversations]
+    for row in rows if pixel_dtype else ():
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in row.inputs:
+                row.inputs[key] = row.inputs[key].to(pixel_dtype)
+    return rows
+
+
+def _encode_chunk_pickled(job: tuple) -> bytes:
+    import pickle
+
+    torch.set_num_threads(1)  # one process per core
+    return pickle.dumps(_encode_chunk(job))
+
+
 def encode_or_report(conv: Conversation, processor, facts: dict, max_len: int, report: BadDataReport
                      ) -> Encoded | None:
     """`encode`, with a row that cannot be used counted in `report` (by reason) instead of raised."""

@@ -268,28 +268,41 @@ def wrong_sentences(output: str, reference: str) -> tuple[Counter, Counter]:
             Counter(sentence_kind(s, strict=False) for s in (said - meant).elements()))
 
 
-def write_split(out_dir: str | Path, task: str, split: str, n: int, image_size: int = IMAGE_SIZE) -> Path:
-    """LLaVA-format JSONL (+ images or frame folders) for `n` examples of one task and split."""
-    out = Path(out_dir)
+def _write_row(job: tuple) -> str:
+    """One row of `write_split`: its media written under `out`, its JSONL line returned."""
+    out, task, split, i, image_size = job
+    ex = example(task, SPLIT_SEEDS[split] + i)
+    row = {"id": f"{task}-{split}-{i}", "conversations": [
+        {"from": "human", "value": ("<video>\n" if task == "video_caption" else "<image>\n") + ex["question"]},
+        {"from": "gpt", "value": ex["answer"]}]}
     media = out / f"{task}-{split}"
-    media.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        ex = example(task, SPLIT_SEEDS[split] + i)
-        row = {"id": f"{task}-{split}-{i}", "conversations": [
-            {"from": "human", "value": ("<video>\n" if task == "video_caption" else "<image>\n") + ex["question"]},
-            {"from": "gpt", "value": ex["answer"]}]}
-        if task == "video_caption":
-            folder = media / f"{i:06d}"
-            folder.mkdir(exist_ok=True)
-            for f, scene in enumerate(ex["scenes"]):
-                render(scene, image_size).save(folder / f"{f:03d}.png")
-            row["video"] = str(folder.relative_to(out))
-        else:
-            name = media / f"{i:06d}.png"
-            render(ex["scenes"][0], image_size).save(name)
-            row["image"] = str(name.relative_to(out))
-        rows.append(json.dumps(row))
+    if task == "video_caption":
+        folder = media / f"{i:06d}"
+        folder.mkdir(exist_ok=True)
+        for f, scene in enumerate(ex["scenes"]):
+            render(scene, image_size).save(folder / f"{f:03d}.png")
+        row["video"] = str(folder.relative_to(out))
+    else:
+        name = media / f"{i:06d}.png"
+        render(ex["scenes"][0], image_size).save(name)
+        row["image"] = str(name.relative_to(out))
+    return json.dumps(row)
+
+
+def write_split(out_dir: str | Path, task: str, split: str, n: int, image_size: int = IMAGE_SIZE,
+                workers: int = 1) -> Path:
+    """LLaVA-format JSONL (+ images or frame folders) for `n` examples of one task and split, rendered by
+    `workers` processes (every row depends on its seed alone, so the files are the same for any number)."""
+    out = Path(out_dir)
+    (out / f"{task}-{split}").mkdir(parents=True, exist_ok=True)
+    jobs = [(out, task, split, i, image_size) for i in range(n)]
+    if workers > 1 and n > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            rows = pool.map(_write_row, jobs, chunksize=max(1, n // (8 * workers)))
+    else:
+        rows = [_write_row(job) for job in jobs]
     path = out / f"{task}-{split}.jsonl"
     path.write_text("\n".join(rows) + "\n")
     return path

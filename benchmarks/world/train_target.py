@@ -36,9 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from vllm_flash import world  # noqa: E402
-from vllm_flash.checkpoint import load_target_config  # noqa: E402
-from vllm_flash.config import target_facts  # noqa: E402
-from vllm_flash.data import BadDataReport, encode, read_conversations  # noqa: E402
+from vllm_flash.data import BadDataReport, encode_all, read_conversations  # noqa: E402
 
 
 TRAIN_ROWS = {"image_caption": 5000, "visual_qa": 5000, "video_caption": 16000}
@@ -79,7 +77,8 @@ class Recipe:
                              (2.0, 3e-4, {**TRAIN_ROWS, "video_caption": 8000}),
                              (1.5, 3e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 5000}),
                              (1.5, 2e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 16000}))
-    # (steps, peak lr, training rows per task) per fine-tune of the deepened model. The first is on the last
+    # (steps, peak lr, training rows per task[, batch size]) per fine-tune of the deepened model (the recipe's
+    # batch size where a round names none). The first is on the last
     # shallow round's rows. (A second of 540 steps at 2e-4 on the same rows, tried from the 112-px target's
     # weights, moved no task beyond the noise of 60 held-out rows.) The second is on twice the distinct
     # questions, because after twelve rounds and the first fine-tune the answers were the weakest task (75.5%
@@ -103,7 +102,9 @@ class Recipe:
     # of 44 right, as on held-out rows), so it is mostly under-fitted on what it must work out, not short of
     # distinct rows. (A fourth fine-tune, 1200 steps at 2e-4 on 16000 / 24000 / 24000 rows from the third's
     # weights, moved nothing beyond the noise, held out (83.5%, 80.5%, 66%; shape questions 18 of 47) or on
-    # training rows (88%, 87%, 79.5%; shape questions 22 of 44), so it was not kept; 400 steps at 6e-4 did worse.)
+    # training rows (88%, 87%, 79.5%; shape questions 22 of 44), so it was not kept; 400 steps at 6e-4 did worse.
+    # Nor did 367 steps of 64 rows at 2e-4 on a lent H200 (gpu_round.py), on 600 held-out rows per task: 82.7%,
+    # 80.2%, 65.3% against the shipped 81.7%, 80.3%, 62.8%, shape questions 53 and 54 of 156.)
     deep_rounds: tuple = ((150, 3e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 16000}),
                           (1200, 2e-4, {"image_caption": 8000, "visual_qa": 20000, "video_caption": 12000}),
                           (1200, 2e-4, {"image_caption": 16000, "visual_qa": 32000, "video_caption": 24000}))
@@ -130,7 +131,7 @@ def parse_row_id(row_id: str) -> tuple[str, str, int]:
 
 def train_rows(recipe: Recipe) -> dict:
     """Rows per task that some round trains on."""
-    rounds = [rows for *_, rows in (*recipe.shallow_rounds, *recipe.deep_rounds)]
+    rounds = [round_[2] for round_ in (*recipe.shallow_rounds, *recipe.deep_rounds)]
     return {task: max(rows.get(task, 0) for rows in rounds) for task in world.TASKS}
 
 
@@ -159,7 +160,7 @@ def written_image_size(data: Path) -> int | None:
     return Image.open(first).size[0] if first else None
 
 
-def write_data(out: Path, recipe: Recipe) -> Path:
+def write_data(out: Path, recipe: Recipe, workers: int = 1) -> Path:
     data = out / "data"
     train = train_rows(recipe)
     if written_rows(data / "train.jsonl") == train and written_image_size(data) == recipe.image_size:
@@ -168,7 +169,7 @@ def write_data(out: Path, recipe: Recipe) -> Path:
         lines = []
         for task, n in counts.items():
             if n:
-                lines += world.write_split(data, task, split, n, recipe.image_size).read_text().splitlines()
+                lines += world.write_split(data, task, split, n, recipe.image_size, workers).read_text().splitlines()
         random.Random(split).shuffle(lines)
         (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return data
@@ -188,25 +189,15 @@ def build_shallow(out: Path, recipe: Recipe) -> Path:
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 
 
-def encode_split(target: Path, jsonl: Path) -> list:
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(target)
-    facts = target_facts(load_target_config(target))
+def encode_split(target: Path, jsonl: Path, workers: int = 1) -> list:
+    """Every row of `jsonl`, encoded as training reads it, by `workers` processes. The pixels are held in bf16, as
+    the served bf16 target reads them: at 26000 rows the fp32 pixels (about 17 GB, estimated from their shapes)
+    beside the deep model's training ran out of 24 GiB."""
     report = BadDataReport()
-    encoded = [pixels_in_bf16(encode(c, processor, facts, max_len=1024)) for c in read_conversations(jsonl, report)]
+    conversations = list(read_conversations(jsonl, report))
     if report.counts:
         raise RuntimeError(f"bad rows in generated data: {report.summary()}")
-    return encoded
-
-
-def pixels_in_bf16(row):
-    """The row with its pixels held in bf16, as the served bf16 target reads them: at 26000 rows the fp32
-    pixels (about 17 GB, estimated from their shapes) beside the deep model's training ran out of 24 GiB."""
-    for key in PIXEL_KEYS:
-        if key in row.inputs:
-            row.inputs[key] = row.inputs[key].to(torch.bfloat16)
-    return row
+    return encode_all(target, conversations, max_len=1024, workers=workers, pixel_dtype=torch.bfloat16)
 
 
 def first_rows(samples: list, rows: dict) -> list:
@@ -320,11 +311,11 @@ def save_progress(path: Path, step: int, model, probe, opt, round_facts: dict) -
     from the seed."""
     from safetensors.torch import save_file
 
-    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if probe:
-        tensors.update({f"probe.{k}": v.detach().clone() for k, v in probe.state_dict().items()})
+        tensors.update({f"probe.{k}": v.detach().cpu().clone() for k, v in probe.state_dict().items()})
     for index, state in opt.state_dict()["state"].items():
-        tensors.update({f"opt.{index}.{k}": v.reshape(-1) if k == "step" else v for k, v in state.items()})
+        tensors.update({f"opt.{index}.{k}": (v.reshape(-1) if k == "step" else v).cpu() for k, v in state.items()})
     tmp = path.with_suffix(".tmp")
     save_file(tensors, tmp, metadata={"step": str(step), **{k: str(v) for k, v in round_facts.items()}})
     tmp.replace(path)
@@ -359,12 +350,13 @@ def load_progress(path: Path, model, probe, opt, round_facts: dict) -> int:
 
 
 def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path: Path, tag: str,
-          probe_from: Path, out_dir: Path, fresh_probe: bool = False) -> None:
+          probe_from: Path, out_dir: Path, fresh_probe: bool = False, batch_size: int | None = None,
+          device: str = "cpu") -> None:
     """Train `model` and save it to `out_dir`. The vision probe starts fresh only with a fresh model; later it
     carries over from `probe_from`, and where that has none (a model restored from the shipped weights, which
     leave the probe out) training goes on without it: a random probe would push random gradients into the
     trained tower. Every `recipe.save_every` steps the round's progress is saved, and a stopped round resumes
-    from it with the same batches in the same order."""
+    from it with the same batches in the same order. `batch_size` is the round's (the recipe's by default)."""
     from safetensors.torch import load_file, save_file
 
     group_tokens = (recipe.image_size // 28) ** 2
@@ -373,22 +365,24 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
         probe = VisionProbe(group_tokens, recipe.hidden)
         if not fresh_probe:
             probe.load_state_dict(load_file(probe_from / PROBE_FILE))
+        probe.to(device)
+    model.to(device)
     opt = torch.optim.AdamW([*model.parameters(), *(probe.parameters() if probe else ())], lr=lr,
                             weight_decay=0.01, betas=(0.9, 0.98))
     progress = progress_path(out_dir)
-    round_facts = {"steps": steps, "lr": lr, "rows": len(samples)}
+    round_facts = {"steps": steps, "lr": lr, "rows": len(samples), "batch_size": batch_size or recipe.batch_size}
     done = load_progress(progress, model, probe, opt, round_facts)
     seen: list = []  # the vision tower's outputs in this forward (images first, then videos)
     model.model.visual.register_forward_hook(lambda _m, _i, out: seen.append(out.pooler_output))
     model.train()
-    stream = batch_stream(samples, recipe.batch_size, recipe.seed)
+    stream = batch_stream(samples, batch_size or recipe.batch_size, recipe.seed)
     for _ in range(done):  # replay the batch order up to where the saved progress stopped
         next(stream)
     start = time.time()
     with open(log_path, "a") as log:
         for step in range(done, steps):
             chosen = next(stream)
-            batch = collate(chosen)
+            batch = {k: v.to(device) for k, v in collate(chosen).items()}
             scale = min(1.0, (step + 1) / recipe.warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
             for group in opt.param_groups:
                 group["lr"] = lr * max(scale, 0.02)
@@ -398,7 +392,8 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
             labels = [scene_labels(x.row_id) for key in PIXEL_KEYS
                       for x in chosen if key in x.inputs]
             if labels and probe:
-                loss = loss + probe.loss(torch.cat(seen).view(-1, group_tokens, recipe.hidden), torch.cat(labels))
+                loss = loss + probe.loss(torch.cat(seen).view(-1, group_tokens, recipe.hidden),
+                                         torch.cat(labels).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -412,10 +407,10 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
                 log.flush()
             if (step + 1) % recipe.save_every == 0 and step + 1 < steps:
                 save_progress(progress, step + 1, model, probe, opt, round_facts)
-    model.eval()
+    model.eval().cpu()
     model.save_pretrained(out_dir, safe_serialization=True)
     if probe:
-        save_file(probe.state_dict(), out_dir / PROBE_FILE)
+        save_file(probe.cpu().state_dict(), out_dir / PROBE_FILE)
     progress.unlink(missing_ok=True)
 
 
@@ -505,7 +500,7 @@ def export_bf16(src: Path, dst: Path, processor_dir: Path) -> None:
 
 
 def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict, report_path: Path,
-                 log: Path) -> Path:
+                 log: Path, device: str = "cpu", workers: int = 1) -> Path:
     """Every stage up to the exported target that is not there yet, each resuming from the one before."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -514,7 +509,7 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
     def rows_of(rows: dict) -> list:
         """A round's training rows, encoded the first time a stage still has to train (it takes minutes)."""
         if not encoded:
-            encoded.extend(encode_split(init, data / "train.jsonl"))
+            encoded.extend(encode_split(init, data / "train.jsonl", workers))
             report["train_examples"] = len(encoded)
         return first_rows(encoded, rows)
 
@@ -533,7 +528,7 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
             steps = int(epochs * len(round_set) / recipe.batch_size)
             t0 = time.time()
             train(model, round_set, steps, lr, recipe, log, f"shallow-{round_index + 1}", previous, shallow_dir,
-                  fresh_probe=round_index == 0)
+                  fresh_probe=round_index == 0, device=device)
             report[f"shallow_{round_index + 1}_train_s"] = round(time.time() - t0)
             report_path.write_text(json.dumps(report, indent=1))
         previous = shallow_dir
@@ -542,11 +537,12 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
         deepen(previous, deep_init, recipe)
     probe_from = previous  # deepening leaves the vision tower, so the shallow model's probe still fits it
     previous = deep_init
-    for round_index, ((steps, lr, rows), deep_dir) in enumerate(zip(recipe.deep_rounds, deep_dirs)):
+    for round_index, ((steps, lr, rows, *batch_size), deep_dir) in enumerate(zip(recipe.deep_rounds, deep_dirs)):
         if deep_dir not in skip:
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(previous, dtype=torch.float32)
             t0 = time.time()
-            train(model, rows_of(rows), steps, lr, recipe, log, deep_dir.name, probe_from, deep_dir)
+            train(model, rows_of(rows), steps, lr, recipe, log, deep_dir.name, probe_from, deep_dir,
+                  batch_size=batch_size[0] if batch_size else None, device=device)
             report[f"{deep_dir.name.replace('-', '_')}_train_s"] = round(time.time() - t0)
             report_path.write_text(json.dumps(report, indent=1))
         previous = probe_from = deep_dir
@@ -560,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(ROOT / "build" / "world"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that write and encode the data (on 2 cores one encodes as fast as two)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to train (a GPU if there is one)")
     p.add_argument("--image-size", type=int, default=Recipe.image_size,
                    help="pixels per side of the world's images (84: one merged visual token per grid cell; see "
                         "image_size_ab.py)")
@@ -572,13 +572,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         recipe = Recipe(heldout=2, batch_size=4, shallow_rounds=((1, 2e-3, {t: 8 for t in world.TASKS}),) * 2,
                         deep_rounds=((2, 3e-4, {t: 8 for t in world.TASKS}),
-                                     (2, 2e-4, {**{t: 8 for t in world.TASKS}, "visual_qa": 10})),
+                                     (2, 2e-4, {**{t: 8 for t in world.TASKS}, "visual_qa": 10}, 2)),
                         warmup=2, layers=8, shallow_layers=2, image_size=args.image_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
     log = out / "train_target.log"
-    data = write_data(out, recipe)
+    data = write_data(out, recipe, args.workers)
     init = build_shallow(out, recipe)
     report_path = out / "target_report.json"
     report: dict = json.loads(report_path.read_text()) if report_path.exists() else {}
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(recipe.seed)
     # the training rows (gigabytes of pixels) are gone when it returns: beside them, the held-out check's
     # vLLM engine ran out of 24 GiB at 26000 rows
-    target = train_stages(out, recipe, data, init, report, report_path, log)
+    target = train_stages(out, recipe, data, init, report, report_path, log, args.device, args.workers)
     report["heldout_exact_match"] = heldout_accuracy(target, recipe.heldout, recipe.image_size)
     print(json.dumps(report), flush=True)
     report_path.write_text(json.dumps(report, indent=1))

@@ -1,0 +1,152 @@
+"""One deep fine-tune of the toy target on a lent GPU, in as many steps as fit a time budget, for one learning
+rate and batch size; run several side by side (each its own process on the one GPU: the 24-layer, width-256
+model leaves a GPU mostly idle). On 2 cores a fine-tune step takes about 3.6 s, so a round there is 1200 steps of 16
+rows; a GPU does tens of times that in minutes, which tells whether the target is short of training or of size.
+
+On the GPU machine (PyTorch and transformers, no vLLM), from the repository root: write the data once, then
+train the variants until a common deadline:
+    python3 benchmarks/world/gpu_round.py --work /tmp/w
+    D=$(( $(date +%s) + 420 ))
+    for v in 2e-4:64 4e-4:64; do
+        python3 benchmarks/world/gpu_round.py --work /tmp/w --workers 8 --results $OUT --deadline $D --variant $v &
+    done; wait
+Here, for each variant that came back, build the target and score it with vLLM:
+    .venv/bin/python benchmarks/world/gpu_round.py --assemble RESULTS/lr2e-4_b64 --into build/world/target-gpu
+
+Each variant writes its bf16 weights in two safetensors parts (what a GPU machine sends back is at most 16 MiB a
+file) and `facts.json`: the steps it took, which make the round a `Recipe.deep_rounds` entry
+(steps, lr, rows, batch size) that `train_target.py` retrains anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_target  # noqa: E402
+
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPORT_S = 30  # kept back from the budget: saving the fp32 model, then its bf16 parts
+WEIGHTS = "model.safetensors"
+
+
+def step_seconds(model, samples: list, batch_size: int, device: str, steps: int = 12) -> float:
+    """Seconds one training step of `model` takes at `batch_size` (on a copy; the first two steps warm up)."""
+    trial = copy.deepcopy(model).to(device).train()
+    opt = torch.optim.AdamW(trial.parameters(), lr=1e-6)
+    stream = train_target.batch_stream(samples, batch_size, seed=1)
+    for step in range(steps):
+        if step == 2:
+            torch.cuda.synchronize() if device.startswith("cuda") else None
+            start = time.time()
+        batch = {k: v.to(device) for k, v in train_target.collate(next(stream)).items()}
+        trial(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize() if device.startswith("cuda") else None
+    return (time.time() - start) / (steps - 2)
+
+
+def save_parts(model_dir: Path, into: Path, parts: int = 2) -> None:
+    """The model's weights in bf16, spread over `parts` files of about equal size."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(model_dir / WEIGHTS).items()}
+    bins: list[dict] = [{} for _ in range(parts)]
+    size = [0] * parts
+    for name in sorted(tensors, key=lambda k: -tensors[k].numel()):
+        i = size.index(min(size))
+        bins[i][name] = tensors[name].contiguous()
+        size[i] += tensors[name].numel()
+    into.mkdir(parents=True, exist_ok=True)
+    for i, part in enumerate(bins):
+        save_file(part, into / f"part-{i}.safetensors")
+
+
+def assemble(parts_dir: Path, into: Path, start: Path) -> None:
+    """A servable target: `start`'s config, tokenizer and processor with the weights of `parts_dir`."""
+    from safetensors.torch import load_file, save_file
+
+    tensors: dict = {}
+    for part in sorted(parts_dir.glob("part-*.safetensors")):
+        tensors.update(load_file(part))
+    shipped = load_file(start / WEIGHTS)
+    if set(tensors) != set(shipped):
+        raise ValueError(f"{parts_dir} holds other weights than {start}: {sorted(set(tensors) ^ set(shipped))[:5]}")
+    into.mkdir(parents=True, exist_ok=True)
+    for f in start.iterdir():
+        if f.name != WEIGHTS:
+            shutil.copy(f, into / f.name)
+    save_file(tensors, into / WEIGHTS, metadata={"format": "pt"})
+
+
+def run_variant(name: str, lr: float, batch_size: int, samples: list, start: Path, work: Path, results: Path,
+                deadline: float, device: str, rows: dict) -> None:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(start, dtype=torch.float32)
+    seconds = step_seconds(model, samples, batch_size, device)
+    steps = max(1, int((deadline - time.time() - EXPORT_S) / seconds))
+    print(json.dumps({"variant": name, "step_s": round(seconds, 4), "steps": steps}), flush=True)
+    recipe = train_target.Recipe(save_every=10**9)
+    log = work / f"{name}.log"
+    t0 = time.time()
+    train_target.train(model, samples, steps, lr, recipe, log, name, start, work / name, batch_size=batch_size,
+                       device=device)
+    train_s = time.time() - t0
+    save_parts(work / name, results / name)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    facts = {"round": [steps, lr, rows, batch_size], "step_s": round(seconds, 4), "train_s": round(train_s),
+             "device": torch.cuda.get_device_name() if device.startswith("cuda") else device, "start": str(start),
+             "loss": [(line["step"], line["loss"]) for line in lines if line["step"] % 200 == 0 or line is lines[-1]]}
+    (results / name / "facts.json").write_text(json.dumps(facts, indent=1))
+    print(json.dumps({"variant": name, "done": True, "train_s": round(train_s)}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--start", default=str(ROOT / "assets" / "world" / "target"), help="the target to fine-tune")
+    p.add_argument("--work", default="/tmp/gpu_round", help="the data and checkpoints (shared by the variants)")
+    p.add_argument("--results", help="where the variant's weights and facts go")
+    p.add_argument("--deadline", type=float, help="when (seconds since the epoch) the variant must be done")
+    p.add_argument("--variant", help="PEAK_LR:BATCH_SIZE, e.g. 2e-4:64; without it, only write the data")
+    p.add_argument("--rows", type=int, help="at most this many rows per task (default: the last deep round's)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes that write or encode the data")
+    p.add_argument("--assemble", help="a variant's results folder, to build a target from (with --into)")
+    p.add_argument("--into")
+    args = p.parse_args(argv)
+    start, work = Path(args.start), Path(args.work)
+    if args.assemble:
+        assemble(Path(args.assemble), Path(args.into), start)
+        return 0
+    rows = dict(train_target.Recipe().deep_rounds[-1][2])
+    if args.rows:
+        rows = {task: min(n, args.rows) for task, n in rows.items()}
+    t0 = time.time()
+    # written once, then read by every variant: `write_data` keeps data that is already right
+    data = train_target.write_data(work, train_target.Recipe(heldout=1, shallow_rounds=((1, 0.0, rows),),
+                                                             deep_rounds=()), args.workers)
+    if not args.variant:
+        print(json.dumps({"rows": rows, "data_s": round(time.time() - t0)}), flush=True)
+        return 0
+    samples = train_target.first_rows(train_target.encode_split(start, data / "train.jsonl", args.workers), rows)
+    print(json.dumps({"variant": args.variant, "encoded": len(samples), "data_s": round(time.time() - t0)}),
+          flush=True)
+    lr, batch_size = args.variant.split(":")
+    run_variant(f"lr{lr}_b{batch_size}", float(lr), int(batch_size), samples, start, work, Path(args.results),
+                args.deadline, args.device, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
