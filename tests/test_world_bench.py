@@ -6,7 +6,8 @@
 - its training rounds carry the vision probe over from one round to the next, and each trains on the first
   rows of each task that it names, at its own batch size if it has one; the drafts learn from an equal share of
   each task; its data is the same written or encoded by one process or several;
-- a GPU round's weights come back in parts and make a servable target again;
+- a GPU round trains as many steps as fit its deadline and reports them; its weights come back in parts and
+  make a servable target again;
 - its accuracy check scores the split it is asked about (training rows tell under- from over-fitting);
 - diagnose_target.py scores a batch as training does, and finds each move's axis and frame pair;
 - `vllm-flash bench` runs every method on the shipped target + drafts (eagle3 included, read natively by vLLM),
@@ -367,6 +368,40 @@ def test_a_stopped_round_resumes_from_its_saved_progress_to_the_same_weights(tmp
     recipe_mod.train(model, rows, 2, 1e-3, recipe, tmp_path / "log.jsonl", "pairs", init, tmp_path / "pairs",
                      batch_size=2)
     assert sizes == [2, 2]
+
+
+def test_a_gpu_round_trains_as_many_steps_as_fit_its_deadline_and_reports_them(tmp_path, monkeypatch):
+    """A variant times its steps, trains as many as fit before the deadline, and reports that round (steps, lr,
+    rows, batch size), with weights that make a target again, trained away from the start."""
+    import time
+
+    from safetensors.torch import load_file
+
+    from vllm_flash import world
+    from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
+
+    gpu_round = _load(ROOT / "benchmarks" / "world" / "gpu_round.py")
+    recipe_mod = sys.modules["train_target"]
+    start = build_tiny_qwen2_5_vl(tmp_path / "start", num_layers=1, hidden=64, lm_head_scale=1.0, vocab_size=512,
+                                  corpus=recipe_mod.world_corpus(200), image_size=world.IMAGE_SIZE)
+    rows = {"image_caption": 2, "visual_qa": 0, "video_caption": 2}
+    samples = [row for task in ("image_caption", "video_caption")
+               for row in recipe_mod.encode_split(start, world.write_split(tmp_path / "data", task, "train", 2))]
+    timed = []
+    real_step_seconds = gpu_round.step_seconds
+    # as if a step took 10 s: 5 of them fit before the deadline (with up to 9 s spent timing them), after
+    # EXPORT_S for the export
+    monkeypatch.setattr(gpu_round, "step_seconds", lambda *a: timed.append(real_step_seconds(*a)) or 10.0)
+    gpu_round.run_variant("v", 1e-3, 2, samples, start, tmp_path / "work", tmp_path / "out",
+                          time.time() + gpu_round.EXPORT_S + 59, "cpu", rows)
+    assert len(timed) == 1 and timed[0] > 0
+    facts = json.loads((tmp_path / "out" / "v" / "facts.json").read_text())
+    assert facts["round"] == [5, 1e-3, rows, 2] and facts["step_s"] == 10.0
+    logged = [json.loads(line) for line in (tmp_path / "work" / "v.log").read_text().splitlines()]
+    assert logged[-1]["step"] == 4 and logged[-1]["of"] == 5
+    gpu_round.assemble(tmp_path / "out" / "v", tmp_path / "target", start)
+    before, after = load_file(start / "model.safetensors"), load_file(tmp_path / "target" / "model.safetensors")
+    assert any(not torch.equal(after[k], before[k].to(after[k].dtype)) for k in before)
 
 
 def test_rows_encoded_by_several_processes_are_those_encoded_by_one(tmp_path):

@@ -1,19 +1,18 @@
-"""One deep fine-tune of the toy target on a lent GPU, in as many steps as fit a time budget, for one learning
-rate and batch size; run several side by side (each its own process on the one GPU: the 24-layer, width-256
-model leaves a GPU mostly idle). On 2 cores a fine-tune step takes about 3.6 s, so a round there is 1200 steps of 16
-rows; a GPU does tens of times that in minutes, which tells whether the target is short of training or of size.
+"""One deep fine-tune of the toy target on a lent GPU, in as many steps as fit a deadline, at one learning rate
+and batch size. On 2 cores a fine-tune step of 16 rows takes about 3.6 s (4.4 rows/s); on an H200 a step of 256
+rows took 0.52 s (490 rows/s) and one of 64 rows 0.21 s (`--time-batches 16,64,256`): the small model is bound
+by per-step overheads, so a large batch comes nearly free. Two variants side by side on the one GPU each ran
+at about half speed (0.47-0.54 s a step of 64), so run one at a time.
 
-On the GPU machine (PyTorch and transformers, no vLLM), from the repository root: write the data once, then
-train the variants until a common deadline:
+On the GPU machine (PyTorch and transformers, no vLLM), from the repository root: write the data (all cores),
+then train until a deadline:
     python3 benchmarks/world/gpu_round.py --work /tmp/w
-    D=$(( $(date +%s) + 420 ))
-    for v in 2e-4:64 4e-4:64; do
-        python3 benchmarks/world/gpu_round.py --work /tmp/w --workers 8 --results $OUT --deadline $D --variant $v &
-    done; wait
-Here, for each variant that came back, build the target and score it with vLLM:
-    .venv/bin/python benchmarks/world/gpu_round.py --assemble RESULTS/lr2e-4_b64 --into build/world/target-gpu
+    python3 benchmarks/world/gpu_round.py --work /tmp/w --results $OUT --deadline $(( $(date +%s) + 420 )) \
+        --variant 2e-4:256
+Here, build the target from what came back and score it with vLLM:
+    .venv/bin/python benchmarks/world/gpu_round.py --assemble RESULTS/lr2e-4_b256 --into build/world/target-gpu
 
-Each variant writes its bf16 weights in two safetensors parts (what a GPU machine sends back is at most 16 MiB a
+A variant writes its bf16 weights in two safetensors parts (what a GPU machine sends back is at most 16 MiB a
 file) and `facts.json`: the steps it took, which make the round a `Recipe.deep_rounds` entry
 (steps, lr, rows, batch size) that `train_target.py` retrains anywhere.
 """
@@ -39,8 +38,10 @@ EXPORT_S = 30  # kept back from the budget: saving the fp32 model, then its bf16
 WEIGHTS = "model.safetensors"
 
 
-def step_seconds(model, samples: list, batch_size: int, device: str, steps: int = 12) -> float:
-    """Seconds one training step of `model` takes at `batch_size` (on a copy; the first two steps warm up)."""
+def step_seconds(model, samples: list, batch_size: int, device: str, steps: int = 12, ready: dict | None = None
+                 ) -> float:
+    """Seconds one training step of `model` takes at `batch_size` (on a copy; the first two steps warm up), each
+    on the next batch, or on the `ready` one alone."""
     trial = copy.deepcopy(model).to(device).train()
     opt = torch.optim.AdamW(trial.parameters(), lr=1e-6)
     stream = train_target.batch_stream(samples, batch_size, seed=1)
@@ -48,12 +49,26 @@ def step_seconds(model, samples: list, batch_size: int, device: str, steps: int 
         if step == 2:
             torch.cuda.synchronize() if device.startswith("cuda") else None
             start = time.time()
-        batch = {k: v.to(device) for k, v in train_target.collate(next(stream)).items()}
+        batch = ready or {k: v.to(device) for k, v in train_target.collate(next(stream)).items()}
         trial(**batch).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize() if device.startswith("cuda") else None
     return (time.time() - start) / (steps - 2)
+
+
+def time_batches(samples: list, start: Path, sizes: list[int], device: str) -> None:
+    """Seconds per training step at each batch size, with the batch assembled each step and with it ready on
+    the device: a step that takes as long at 256 rows as at 16 is bound by per-step overheads (kernel launches,
+    Python), not by arithmetic, so larger batches come nearly free."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(start, dtype=torch.float32)
+    for size in sizes:
+        ready = {k: v.to(device) for k, v in train_target.collate(samples[:size]).items()}
+        print(json.dumps({"batch_size": size, "step_s": round(step_seconds(model, samples, size, device), 4),
+                          "step_s_batch_ready": round(step_seconds(model, samples, size, device, ready=ready), 4)}),
+              flush=True)
 
 
 def save_parts(model_dir: Path, into: Path, parts: int = 2) -> None:
@@ -98,6 +113,7 @@ def run_variant(name: str, lr: float, batch_size: int, samples: list, start: Pat
     steps = max(1, int((deadline - time.time() - EXPORT_S) / seconds))
     print(json.dumps({"variant": name, "step_s": round(seconds, 4), "steps": steps}), flush=True)
     recipe = train_target.Recipe(save_every=10**9)
+    work.mkdir(parents=True, exist_ok=True)
     log = work / f"{name}.log"
     t0 = time.time()
     train_target.train(model, samples, steps, lr, recipe, log, name, start, work / name, batch_size=batch_size,
@@ -122,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, help="at most this many rows per task (default: the last deep round's)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes that write or encode the data")
+    p.add_argument("--time-batches", help="only time a step at each of these batch sizes, e.g. 16,64,256")
     p.add_argument("--assemble", help="a variant's results folder, to build a target from (with --into)")
     p.add_argument("--into")
     args = p.parse_args(argv)
@@ -136,12 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     # written once, then read by every variant: `write_data` keeps data that is already right
     data = train_target.write_data(work, train_target.Recipe(heldout=1, shallow_rounds=((1, 0.0, rows),),
                                                              deep_rounds=()), args.workers)
-    if not args.variant:
+    if not args.variant and not args.time_batches:
         print(json.dumps({"rows": rows, "data_s": round(time.time() - t0)}), flush=True)
         return 0
     samples = train_target.first_rows(train_target.encode_split(start, data / "train.jsonl", args.workers), rows)
     print(json.dumps({"variant": args.variant, "encoded": len(samples), "data_s": round(time.time() - t0)}),
           flush=True)
+    if args.time_batches:
+        time_batches(samples, start, [int(b) for b in args.time_batches.split(",")], args.device)
+        return 0
     lr, batch_size = args.variant.split(":")
     run_variant(f"lr{lr}_b{batch_size}", float(lr), int(batch_size), samples, start, work, Path(args.results),
                 args.deadline, args.device, rows)
