@@ -9,7 +9,8 @@
 - a GPU round trains as many steps as fit its deadline and reports them; its weights come back in parts and
   make a servable target again;
 - its accuracy check scores the split it is asked about (training rows tell under- from over-fitting);
-- diagnose_target.py scores a batch as training does, and finds each move's axis and frame pair;
+- diagnose_target.py scores a batch as training does, finds each move's axis and frame pair, and where the
+  target looks when it counts a shape;
 - `vllm-flash bench` runs every method on the shipped target + drafts (eagle3 included, read natively by vLLM),
   writes latest.json / latest.md / PNG plots, and every method's greedy output equals plain decoding;
 - the README's main job, `vllm-flash demo`, captions held-out media losslessly and judges each caption.
@@ -569,6 +570,38 @@ def test_target_diagnosis_scores_what_training_scores(tmp_path):
                                                             "relabelled": (features, labels.roll(1, 0))})
     assert read["fitted"]["objects_read_right"] == 1.0 and read["fitted"]["objects"] == int((labels[..., 0] > 0).sum())
     assert read["relabelled"]["objects_read_right"] < 1.0
+
+
+def test_shape_question_attention_looks_at_each_counted_shape_question(tmp_path):
+    """diagnose_target --shape-questions scores every "How many <shape>s" question (and no other), says per
+    layer which head looks most at the asked shape's cells and from where, and sets that beside the share those
+    cells are of the picture's objects."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from vllm_flash import world
+    from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    diagnose_mod = _load(ROOT / "benchmarks" / "world" / "diagnose_target.py")
+    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=2, hidden=64, lm_head_scale=1.0, vocab_size=512,
+                                 corpus=recipe_mod.world_corpus(200))
+    rows = recipe_mod.encode_split(init, world.write_split(tmp_path, "visual_qa", "heldout", 16))
+    examples = [world.example("visual_qa", world.SPLIT_SEEDS["heldout"] + i) for i in range(16)]
+    asked = [ex for ex in examples if world.question_kind(ex["question"]) == "shape_count"]
+    assert asked
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    got = diagnose_mod.shape_question_attention(model, rows, model.config.image_token_id,
+                                                AutoTokenizer.from_pretrained(init))
+    assert sum(got["questions"].values()) == len(asked) and set(got["layers"]) == {0, 1}
+    shares = [sum(o.shape == ex["question"].split()[2][:-1] for o in ex["scenes"][0]) / len(ex["scenes"][0])
+              for ex in asked]
+    for layer in got["layers"].values():
+        assert 0 <= layer["head"] < model.config.text_config.num_attention_heads
+        assert 0 <= layer["tokens_before_count"] <= 20
+        weighted = sum(layer[k][1] * got["questions"][k] for k in ("right", "wrong") if k in layer)
+        assert abs(weighted / len(asked) - sum(shares) / len(shares)) < 1e-3
+        assert all(0 <= layer[k][0] <= 1 for k in ("right", "wrong") if k in layer)
 
 
 def test_target_diagnosis_finds_each_moves_destination_and_frame_pair():

@@ -5,6 +5,7 @@ frame pairs that Qwen2.5-VL's vision tower sees together or across two pairs.
 
     .venv/bin/python benchmarks/world/diagnose_target.py --world build/world --stages shallow-4,deep
     .venv/bin/python benchmarks/world/diagnose_target.py --world build/world --rows 60 --probe-rows 600
+    .venv/bin/python benchmarks/world/diagnose_target.py --world build/world --stages target --shape-questions 600
 
 A stage is any checkpoint folder under WORLD (shallow, shallow-2, ..., deep). About 2 min on 2 cores for one stage
 at the default 48 rows per task and split (most of it encoding the rows).
@@ -122,6 +123,48 @@ def probe_readout(fit: tuple, checks: dict, steps: int = 400) -> dict:
     return result
 
 
+@torch.no_grad()
+def shape_question_attention(model, samples: list, image_token_id: int, tokenizer) -> dict:
+    """Where the target looks when it says how many objects of a shape there are ("How many triangles are
+    there?" "There are two ..."): at the position that predicts the count, per layer, the head whose attention
+    on the picture's objects falls most on the asked shape's cells, and that share, for the questions whose count
+    it gets right and those it gets wrong, beside the share those cells are of the objects. A head near 1 picks
+    the shape's objects out; near the baseline it does not look by shape."""
+    per_layer = collections.defaultdict(lambda: {"right": [], "wrong": []})
+    counted = collections.Counter()
+    for s in samples:
+        task, split, index = train_target.parse_row_id(s.row_id)
+        ex = toy_world.example(task, toy_world.SPLIT_SEEDS[split] + index)
+        if toy_world.question_kind(ex["question"]) != "shape_count":
+            continue
+        shape = ex["question"].split()[2].rstrip("s")  # "How many triangles are there?"
+        cells = [o.row * 3 + o.col for o in ex["scenes"][0]]
+        asked = torch.tensor([c in {o.row * 3 + o.col for o in ex["scenes"][0] if o.shape == shape} for c in cells])
+        batch = train_target.collate([s])
+        out = model(**batch, output_attentions=True)
+        at = s.target_from + 1  # "There are|is" -> the count
+        right = out.logits[0, at].argmax().item() == s.token_ids[at + 1].item()
+        counted["right" if right else "wrong"] += 1
+        visual = (s.token_ids == image_token_id).nonzero().flatten()
+        # from the question's shape word on: a count found there is carried to `at`
+        words = [tokenizer.decode([t]).strip() for t in s.token_ids[:at].tolist()]
+        looking = range(len(words) - 1 - words[::-1].index(shape + "s"), at + 1)
+        span = len(looking)
+        for layer, attention in enumerate(out.attentions):
+            on_objects = attention[0][:, looking][:, :, visual[cells]]  # (heads, positions, objects)
+            share = (on_objects[..., asked].sum(-1) / on_objects.sum(-1).clamp_min(1e-9)).flatten()
+            per_layer[layer]["right" if right else "wrong"].append(
+                torch.stack([share, asked.float().mean().expand_as(share)]))
+    result = {"questions": dict(counted), "layers": {}}
+    for layer, groups in per_layer.items():
+        both = torch.stack(groups["right"] + groups["wrong"])  # (questions, 2, heads x positions)
+        best = int(both[:, 0].mean(0).argmax())
+        result["layers"][layer] = {"head": best // span, "tokens_before_count": span - 1 - best % span, **{
+            kind: [round(torch.stack(g)[:, 0, best].mean().item(), 3), round(torch.stack(g)[:, 1, best].mean().item(), 3)]
+            for kind, g in groups.items() if g}}
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -132,8 +175,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-rows", type=int, default=0,
                    help="also fit a linear probe on the vision tower's outputs for this many training images and "
                         "clips, and say how well it reads the objects on other training rows and held out")
+    p.add_argument("--shape-questions", type=int, default=0,
+                   help="only look at where each stage attends when it counts a shape, over this many held-out "
+                        "questions (about a quarter of them ask that)")
     args = p.parse_args(argv)
     world = Path(args.world)
+    if args.shape_questions:
+        from vllm_flash.checkpoint import load_target_config
+        from vllm_flash.config import target_facts
+
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # more held-out rows than the data folder holds
+            questions = train_target.encode_split(world / "shallow-init", toy_world.write_split(
+                tmp, "visual_qa", "heldout", args.shape_questions))
+        for stage in args.stages.split(","):
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                world / stage, dtype=torch.float32, attn_implementation="eager").eval()
+            image_token_id = target_facts(load_target_config(world / stage))["image_token_id"]
+            tokenizer = AutoTokenizer.from_pretrained(world / stage)
+            print(json.dumps({"stage": stage, **shape_question_attention(model, questions, image_token_id,
+                                                                         tokenizer)}), flush=True)
+        return 0
     tokenizer = AutoTokenizer.from_pretrained(world / "shallow-init")
     encoded = {(task, split): rows(world, task, split, args.rows)
                for task in toy_world.TASKS for split in ("train", "heldout")}
