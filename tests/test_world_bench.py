@@ -96,7 +96,7 @@ def test_shipped_assets_are_small_bf16_safetensors():
         assert (REPO_ASSETS / "drafts" / method / "config.json").exists(), method
 
 
-def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(tmp_path, monkeypatch):
+def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(tmp_path, monkeypatch, capsys):
     """`train_target.py --quick` trains, deepens, fine-tunes and exports a bf16 target that vLLM serves and
     scores. Run again, it trains and encodes nothing; with the deep stages removed, it trains only those."""
     from safetensors import safe_open
@@ -152,6 +152,13 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
     assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
     assert set(stages()[before:]) == {"deep-2"} and len(encodings) == 2
     assert (out / "target" / "model.safetensors").exists() and not (out / "deep-2" / recipe_mod.PROBE_FILE).exists()
+    # on a machine without vLLM (a lent GPU's) it trains, then says where to score the target instead of failing
+    monkeypatch.setattr(recipe_mod, "heldout_accuracy", lambda *a: pytest.fail("scored without vLLM"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    capsys.readouterr()
+    assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
+    assert "vLLM is not installed here" in capsys.readouterr().out
 
 
 def test_accuracy_scores_the_split_it_is_asked_about(monkeypatch):
