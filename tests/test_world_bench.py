@@ -378,9 +378,10 @@ def test_a_stopped_round_resumes_from_its_saved_progress_to_the_same_weights(tmp
     assert sizes == [2, 2]
 
 
-def test_a_gpu_round_trains_as_many_steps_as_fit_its_deadline_and_reports_them(tmp_path, monkeypatch):
+def test_a_gpu_round_trains_as_many_steps_as_fit_its_deadline_and_reports_them(tmp_path, monkeypatch, capsys):
     """A variant times its steps, trains as many as fit before the deadline, and reports that round (steps, lr,
-    rows, batch size), with weights that make a target again, trained away from the start."""
+    rows, batch size), with weights that make a target again, trained away from the start; --time-batches times
+    a step on fresh batches and on one ready on the device."""
     import time
 
     from safetensors.torch import load_file
@@ -410,6 +411,18 @@ def test_a_gpu_round_trains_as_many_steps_as_fit_its_deadline_and_reports_them(t
     gpu_round.assemble(tmp_path / "out" / "v", tmp_path / "target", start)
     before, after = load_file(start / "model.safetensors"), load_file(tmp_path / "target" / "model.safetensors")
     assert any(not torch.equal(after[k], before[k].to(after[k].dtype)) for k in before)
+
+    # --time-batches: per batch size, a step on fresh batches (12 collated) and on one batch ready on the device
+    monkeypatch.setattr(gpu_round, "step_seconds", real_step_seconds)
+    collated = []
+    real_collate = recipe_mod.collate
+    monkeypatch.setattr(recipe_mod, "collate", lambda rows: collated.append(len(rows)) or real_collate(rows))
+    capsys.readouterr()
+    gpu_round.time_batches(samples, start, [1, 2], "cpu")
+    timed_lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [t["batch_size"] for t in timed_lines] == [1, 2]
+    assert all(t["step_s"] > 0 and t["step_s_batch_ready"] > 0 for t in timed_lines)
+    assert collated == [1] * 13 + [2] * 13  # the ready batch once, then 12 fresh ones; none while it is reused
 
 
 def test_rows_encoded_by_several_processes_are_those_encoded_by_one(tmp_path):

@@ -10,6 +10,7 @@ Rows that cannot be used are counted by reason and reported; nothing is dropped 
 from __future__ import annotations
 
 import collections
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,15 +292,20 @@ def encode_all(target: str | Path, conversations: list[Conversation], max_len: i
         return [row for blob in pool.imap(_encode_chunk_pickled, chunks) for row in pickle.loads(blob)]
 
 
-def _encode_chunk(job: tuple) -> list[Encoded]:
+@functools.lru_cache(maxsize=2)
+def _processor_and_facts(target: str) -> tuple:
+    """Loaded once per process, not once per chunk it encodes."""
     from transformers import AutoProcessor
 
     from .checkpoint import load_target_config
     from .config import target_facts
 
+    return AutoProcessor.from_pretrained(target), target_facts(load_target_config(target))
+
+
+def _encode_chunk(job: tuple) -> list[Encoded]:
     target, conversations, max_len, pixel_dtype = job
-    processor = AutoProcessor.from_pretrained(target)
-    facts = target_facts(load_target_config(target))
+    processor, facts = _processor_and_facts(target)
     rows = [encode(c, processor, facts, max_len) for c in conversations]
     for row in rows if pixel_dtype else ():
         for key in ("pixel_values", "pixel_values_videos"):

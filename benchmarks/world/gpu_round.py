@@ -42,18 +42,19 @@ def step_seconds(model, samples: list, batch_size: int, device: str, steps: int 
                  ) -> float:
     """Seconds one training step of `model` takes at `batch_size` (on a copy; the first two steps warm up), each
     on the next batch, or on the `ready` one alone."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)  # GPU work is queued
     trial = copy.deepcopy(model).to(device).train()
     opt = torch.optim.AdamW(trial.parameters(), lr=1e-6)
     stream = train_target.batch_stream(samples, batch_size, seed=1)
     for step in range(steps):
         if step == 2:
-            torch.cuda.synchronize() if device.startswith("cuda") else None
+            sync()
             start = time.time()
         batch = ready or {k: v.to(device) for k, v in train_target.collate(next(stream)).items()}
         trial(**batch).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize() if device.startswith("cuda") else None
+    sync()
     return (time.time() - start) / (steps - 2)
 
 
@@ -157,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"rows": rows, "data_s": round(time.time() - t0)}), flush=True)
         return 0
     samples = train_target.first_rows(train_target.encode_split(start, data / "train.jsonl", args.workers), rows)
-    print(json.dumps({"variant": args.variant, "encoded": len(samples), "data_s": round(time.time() - t0)}),
-          flush=True)
+    print(json.dumps({"encoded": len(samples), "data_s": round(time.time() - t0)}), flush=True)
     if args.time_batches:
         time_batches(samples, start, [int(b) for b in args.time_batches.split(",")], args.device)
         return 0
