@@ -10,7 +10,8 @@
   make a servable target again;
 - its accuracy check scores the split it is asked about (training rows tell under- from over-fitting);
 - diagnose_target.py scores a batch as training does, finds each move's axis and frame pair, and where the
-  target looks when it counts a shape;
+  target looks when it counts a shape, and how well its state holds the count; the shape-attention training
+  aid scores and trains that look;
 - `vllm-flash bench` runs every method on the shipped target + drafts (eagle3 included, read natively by vLLM),
   writes latest.json / latest.md / PNG plots, and every method's greedy output equals plain decoding;
 - the README's main job, `vllm-flash demo`, captions held-out media losslessly and judges each caption.
@@ -97,8 +98,8 @@ def test_shipped_assets_are_small_bf16_safetensors():
 
 
 def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(tmp_path, monkeypatch, capsys):
-    """`train_target.py --quick` trains, deepens, fine-tunes and exports a bf16 target that vLLM serves and
-    scores. Run again, it trains and encodes nothing; with the deep stages removed, it trains only those."""
+    """`train_target.py --quick` trains, deepens, fine-tunes (the round that names the shape-attention aid with it)
+    and exports a bf16 target that vLLM serves and scores. Run again, it trains and encodes nothing; with the deep stages removed, it trains only those."""
     from safetensors import safe_open
 
     from vllm_flash import world
@@ -108,7 +109,12 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
     with pytest.raises(SystemExit):  # not a whole number of merged visual tokens
         recipe_mod.main(["--quick", "--out", str(out), "--image-size", "100"])
     assert not out.exists()
+    aided = []  # the depth of each model a round trains with the shape-attention aid
+    real_aid = recipe_mod.ShapeAttention
+    monkeypatch.setattr(recipe_mod, "ShapeAttention",
+                        lambda model, *a: aided.append(len(model.model.language_model.layers)) or real_aid(model, *a))
     assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
+    assert aided == [8]  # the one round that names it (the quick recipe's last)
     log = out / "train_target.log"
 
     def stages() -> list:
@@ -622,6 +628,103 @@ def test_shape_question_attention_looks_at_each_counted_shape_question(tmp_path)
         weighted = sum(layer[k][1] * got["questions"][k] for k in ("right", "wrong") if k in layer)
         assert abs(weighted / len(asked) - sum(shares) / len(shares)) < 1e-3
         assert all(0 <= layer[k][0] <= 1 for k in ("right", "wrong") if k in layer)
+
+
+def test_count_readout_reads_the_states_that_decide_each_shape_questions_count(tmp_path):
+    """diagnose_target --count-readout takes, for every shape question and no other, the states at the two
+    positions that decide its count ("There|are|two") with the asked shape's count; a read-out finds a count
+    the states hold, and not one they do not."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from vllm_flash import world
+    from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    diagnose_mod = _load(ROOT / "benchmarks" / "world" / "diagnose_target.py")
+    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=1, hidden=64, lm_head_scale=1.0, vocab_size=512,
+                                 corpus=recipe_mod.world_corpus(200), image_size=84)
+    rows = recipe_mod.encode_split(init, world.write_split(tmp_path, "visual_qa", "heldout", 24))
+    tokenizer = AutoTokenizer.from_pretrained(init)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32).eval()
+    states, counts = diagnose_mod.count_states(model, rows)
+    examples = [world.example("visual_qa", world.SPLIT_SEEDS["heldout"] + i) for i in range(24)]
+    asked = [(row, ex) for row, ex in zip(rows, examples) if world.question_kind(ex["question"]) == "shape_count"]
+    assert states.shape == (len(asked), 2, 2, 64)
+    assert counts.tolist() == [ex["answer"].split()[2] and world.NUMBERS.index(ex["answer"].split()[2])
+                               for _, ex in asked]
+    embed = model.get_input_embeddings()
+    for (row, _), state, count in zip(asked, states, counts):
+        decides = row.token_ids[row.target_from:row.target_from + 3]  # "There are two"
+        assert [tokenizer.decode(t).strip() for t in decides[1:]] == [
+            "is" if count == 1 else "are", world.NUMBERS[count]]
+        assert torch.allclose(state[:, 0], embed(decides[:2]))  # the embeddings come first
+
+    generator = torch.Generator().manual_seed(0)
+    planted = torch.randint(1, 5, (200,), generator=generator)
+    features = torch.randn(200, 2, 3, 16, generator=generator)
+    features[..., :5] += 8 * torch.nn.functional.one_hot(planted, 5).float()[:, None, None]
+    fit, check = (features[:150], planted[:150]), (features[150:], planted[150:])
+    read = diagnose_mod.count_readout(fit, check)
+    assert read["questions"] == 50 and sum(read["counts"]) == 50
+    assert all(min(layer) >= 0.95 for name in diagnose_mod.POSITIONS for layer in read[name].values())
+    guessed = diagnose_mod.count_readout(fit, (check[0], check[1].roll(1)))
+    assert all(layer[0] < 0.6 for name in diagnose_mod.POSITIONS for layer in guessed[name].values())
+
+
+def test_shape_attention_aid_is_the_asked_cells_share_of_attention_and_trains_it(tmp_path):
+    """The shape-attention training aid's loss is -log of the asked shape's share of the attention on the
+    picture's objects, in each chosen head, from the question's shape word to the position that predicts the
+    count, as the model's own (eager) attention gives it; it has nothing to say about other rows; and training
+    with it raises that share."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from vllm_flash import world
+    from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=2, hidden=128, lm_head_scale=1.0, vocab_size=512,
+                                 corpus=recipe_mod.world_corpus(200), image_size=84)
+    rows = recipe_mod.encode_split(init, world.write_split(tmp_path, "visual_qa", "heldout", 24))
+    tokenizer = AutoTokenizer.from_pretrained(init)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    heads = ((0, 2), (1, 1))  # 4 query heads over 2 key/value heads: the aid must pick each head's own keys
+    aid = recipe_mod.ShapeAttention(model, model.config.image_token_id, tokenizer, heads=heads, weight=10.0)
+    examples = [world.example("visual_qa", world.SPLIT_SEEDS["heldout"] + i) for i in range(24)]
+    asked = [i for i, ex in enumerate(examples) if world.question_kind(ex["question"]) == "shape_count"]
+    questions, others = [rows[i] for i in asked], [r for i, r in enumerate(rows) if i not in asked]
+    assert len(questions) >= 3 and others
+
+    def expected_loss(model) -> float:
+        with torch.no_grad():
+            out = model(**recipe_mod.collate(questions), output_attentions=True)
+        losses = []
+        for b, i in enumerate(asked):
+            shape, scene = examples[i]["question"].split()[2][:-1], examples[i]["scenes"][0]
+            cells = (rows[i].token_ids == model.config.image_token_id).nonzero().flatten()
+            on_objects = cells[[o.row * 3 + o.col for o in scene]]
+            on_shape = cells[[o.row * 3 + o.col for o in scene if o.shape == shape]]
+            word = rows[i].token_ids.tolist().index(tokenizer.encode(f" {shape}s", add_special_tokens=False)[0])
+            count = rows[i].target_from + 1  # "There are|two"
+            assert tokenizer.decode(rows[i].token_ids[count + 1]).strip() in world.NUMBERS
+            for layer, head in heads:
+                attention = out.attentions[layer][b, head, word:count + 1]
+                losses.append(-(attention[:, on_shape].sum(-1) / attention[:, on_objects].sum(-1)).log().mean())
+        return torch.stack(losses).mean().item()
+
+    before = expected_loss(model)
+    assert aid.loss(questions).item() == pytest.approx(10 * before, rel=1e-4)
+    with torch.no_grad():
+        model(**recipe_mod.collate(others))
+    assert aid.loss(others) is None
+
+    recipe = recipe_mod.Recipe(hidden=128, batch_size=4, warmup=1)
+    log = tmp_path / "log.jsonl"
+    recipe_mod.train(model, questions, 20, 3e-3, recipe, log, "aided", init, tmp_path / "aided", aid=aid)
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert all("aid" in x for x in logged) and any(x["aid"] > 0 for x in logged)  # every batch asks a shape
+    after = expected_loss(model.eval())
+    assert after < 0.5 * before, (before, after)
 
 
 def test_target_diagnosis_finds_each_moves_destination_and_frame_pair():

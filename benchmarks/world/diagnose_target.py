@@ -6,6 +6,7 @@ frame pairs that Qwen2.5-VL's vision tower sees together or across two pairs.
     .venv/bin/python benchmarks/world/diagnose_target.py --world build/world --stages shallow-4,deep
     .venv/bin/python benchmarks/world/diagnose_target.py --world build/world --rows 60 --probe-rows 600
     .venv/bin/python benchmarks/world/diagnose_target.py --world build/world --stages target --shape-questions 600
+    .venv/bin/python benchmarks/world/diagnose_target.py --world build/world --stages target --count-readout 2400
 
 A stage is any checkpoint folder under WORLD (shallow, shallow-2, ..., deep). About 2 min on 2 cores for one stage
 at the default 48 rows per task and split (most of it encoding the rows).
@@ -133,13 +134,12 @@ def shape_question_attention(model, samples: list, image_token_id: int, tokenize
     per_layer = collections.defaultdict(lambda: {"right": [], "wrong": []})
     counted = collections.Counter()
     for s in samples:
-        task, split, index = train_target.parse_row_id(s.row_id)
-        ex = toy_world.example(task, toy_world.SPLIT_SEEDS[split] + index)
-        if toy_world.question_kind(ex["question"]) != "shape_count":
+        question = train_target.shape_question(s.row_id)
+        if not question:
             continue
-        shape = ex["question"].split()[2].rstrip("s")  # "How many triangles are there?"
-        cells = [o.row * 3 + o.col for o in ex["scenes"][0]]
-        asked = torch.tensor([c in {o.row * 3 + o.col for o in ex["scenes"][0] if o.shape == shape} for c in cells])
+        shape, scene = question
+        cells = [o.row * 3 + o.col for o in scene]
+        asked = torch.tensor([o.shape == shape for o in scene])
         batch = train_target.collate([s])
         out = model(**batch, output_attentions=True)
         at = s.target_from + 1  # "There are|is" -> the count
@@ -165,6 +165,53 @@ def shape_question_attention(model, samples: list, image_token_id: int, tokenize
     return result
 
 
+POSITIONS = ("one or more", "count")  # "There|is|one" / "There|are|two": the two positions that decide a count
+
+
+@torch.no_grad()
+def count_states(model, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each shape question among `samples`, teacher-forced: the residual stream at every layer (the
+    embeddings first) at the position that says "is" or "are" (one or more) and at the one that predicts the
+    count, (questions, 2, layers + 1, hidden); and how many objects have the asked shape."""
+    states, counts = [], []
+    for s in samples:
+        question = train_target.shape_question(s.row_id)
+        if not question:
+            continue
+        shape, scene = question
+        hidden = model(**train_target.collate([s]), output_hidden_states=True).hidden_states
+        states.append(torch.stack([torch.stack([h[0, s.target_from + i] for h in hidden]) for i in range(2)]))
+        counts.append(sum(o.shape == shape for o in scene))
+    return torch.stack(states), torch.tensor(counts)
+
+
+def count_readout(fit: tuple, check: tuple, steps: int = 300) -> dict:
+    """Per position and layer, the share of `check`'s counts that a linear read-out fitted on `fit`'s states
+    gets right, over all questions and over those with two or more of the shape, beside always saying the
+    commonest count. Near that baseline at every layer: the target does not work the count out; it guesses."""
+    (xf, yf), (xc, yc) = fit, check
+    many = yc >= 2
+    result = {"questions": len(yc), "counts": torch.bincount(yc).tolist(), "commonest": [
+        round((y == y.mode().values).float().mean().item(), 3) for y in (yc, yc[many])]}
+    for position, name in enumerate(POSITIONS):
+        layers = {}
+        for layer in range(xf.shape[2]):
+            x = xf[:, position, layer]
+            mean, scale = x.mean(0), x.std(0) + 1e-6
+            read = torch.nn.Linear(x.shape[-1], int(max(yf.max(), yc.max())) + 1)
+            opt = torch.optim.AdamW(read.parameters(), lr=1e-2, weight_decay=0.05)
+            for _ in range(steps):
+                loss = torch.nn.functional.cross_entropy(read((x - mean) / scale), yf)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                right = read((xc[:, position, layer] - mean) / scale).argmax(-1) == yc
+            layers[layer] = [round(right.float().mean().item(), 3), round(right[many].float().mean().item(), 3)]
+        result[name] = layers
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -175,11 +222,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-rows", type=int, default=0,
                    help="also fit a linear probe on the vision tower's outputs for this many training images and "
                         "clips, and say how well it reads the objects on other training rows and held out")
+    p.add_argument("--count-readout", type=int, default=0,
+                   help="only say, per layer, how well a linear read-out finds a shape question's count in the "
+                        "target's state: fitted on the shape questions among this many training questions, "
+                        "checked on those among a quarter as many held out")
     p.add_argument("--shape-questions", type=int, default=0,
                    help="only look at where each stage attends when it counts a shape, over this many held-out "
                         "questions (about a quarter of them ask that)")
     args = p.parse_args(argv)
     world = Path(args.world)
+    if args.count_readout:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            questions = {split: train_target.encode_split(world / "shallow-init", toy_world.write_split(
+                Path(tmp) / split, "visual_qa", split, n)) for split, n in
+                (("train", args.count_readout), ("heldout", args.count_readout // 4))}
+        for stage in args.stages.split(","):
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(world / stage, dtype=torch.float32).eval()
+            print(json.dumps({"stage": stage, **count_readout(count_states(model, questions["train"]),
+                                                              count_states(model, questions["heldout"]))}),
+                  flush=True)
+        return 0
     if args.shape_questions:
         from vllm_flash.checkpoint import load_target_config
         from vllm_flash.config import target_facts
@@ -189,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:  # more held-out rows than the data folder holds
             questions = train_target.encode_split(world / "shallow-init", toy_world.write_split(
                 tmp, "visual_qa", "heldout", args.shape_questions))
+        # every stage has shallow-init's tokenizer; a training checkpoint (deep-3, say) holds none of its own
+        tokenizer = AutoTokenizer.from_pretrained(world / "shallow-init")
         for stage in args.stages.split(","):
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 world / stage, dtype=torch.float32, attn_implementation="eager").eval()
             image_token_id = target_facts(load_target_config(world / stage))["image_token_id"]
-            tokenizer = AutoTokenizer.from_pretrained(world / stage)
             print(json.dumps({"stage": stage, **shape_question_attention(model, questions, image_token_id,
                                                                          tokenizer)}), flush=True)
         return 0
