@@ -98,8 +98,9 @@ def test_shipped_assets_are_small_bf16_safetensors():
 
 
 def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(tmp_path, monkeypatch, capsys):
-    """`train_target.py --quick` trains, deepens, fine-tunes (the round that names the shape-attention aid with it)
-    and exports a bf16 target that vLLM serves and scores. Run again, it trains and encodes nothing; with the deep stages removed, it trains only those."""
+    """`train_target.py --quick` trains, deepens, fine-tunes (the round that names the shape-attention aid with it;
+    an unknown option is refused before any training) and exports a bf16 target that vLLM serves and scores. Run
+    again, it trains and encodes nothing; with the deep stages removed, it trains only those."""
     from safetensors import safe_open
 
     from vllm_flash import world
@@ -115,6 +116,9 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
                         lambda model, *a: aided.append(len(model.model.language_model.layers)) or real_aid(model, *a))
     assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
     assert aided == [8]  # the one round that names it (the quick recipe's last)
+    typo = recipe_mod.Recipe(deep_rounds=((1, 1e-3, {}, 2), (1, 1e-3, {}, "shape_atention")))
+    with pytest.raises(ValueError, match="deep round 2 names \\['shape_atention'\\]"):
+        recipe_mod.train_stages(out, typo, out / "data", out / "shallow-init", {}, tmp_path / "r.json", tmp_path / "l")
     log = out / "train_target.log"
 
     def stages() -> list:

@@ -599,6 +599,11 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
     """Every stage up to the exported target that is not there yet, each resuming from the one before."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    for number, (_, _, _, *options) in enumerate(recipe.deep_rounds, 1):  # a typo found now, not hours in
+        unknown = [o for o in options if not isinstance(o, int) and o != SHAPE_ATTENTION]
+        if unknown:
+            raise ValueError(f"deep round {number} names {unknown}: a round may name a batch size (an int) and "
+                             f"{SHAPE_ATTENTION!r}")
     encoded: list = []  # the encoded training rows
 
     def rows_of(rows: dict) -> list:
