@@ -17,6 +17,7 @@ import argparse
 import collections
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -134,24 +135,18 @@ def shape_question_attention(model, samples: list, image_token_id: int, tokenize
     per_layer = collections.defaultdict(lambda: {"right": [], "wrong": []})
     counted = collections.Counter()
     for s in samples:
-        question = train_target.shape_question(s.row_id)
-        if not question:
+        positions = train_target.shape_question_positions(s, tokenizer, image_token_id)
+        if positions is None:
             continue
-        shape, scene = question
-        cells = [o.row * 3 + o.col for o in scene]
-        asked = torch.tensor([o.shape == shape for o in scene])
-        batch = train_target.collate([s])
-        out = model(**batch, output_attentions=True)
-        at = s.target_from + 1  # "There are|is" -> the count
+        # from the question's shape word on: a count found there is carried to the count's predictor
+        looking, objects, asked = positions
+        out = model(**train_target.collate([s]), output_attentions=True)
+        at = looking.stop - 1  # "There are|two"
         right = out.logits[0, at].argmax().item() == s.token_ids[at + 1].item()
         counted["right" if right else "wrong"] += 1
-        visual = (s.token_ids == image_token_id).nonzero().flatten()
-        # from the question's shape word on: a count found there is carried to `at`
-        words = [tokenizer.decode([t]).strip() for t in s.token_ids[:at].tolist()]
-        looking = range(len(words) - 1 - words[::-1].index(shape + "s"), at + 1)
-        span = len(looking)
+        span = looking.stop - looking.start
         for layer, attention in enumerate(out.attentions):
-            on_objects = attention[0][:, looking][:, :, visual[cells]]  # (heads, positions, objects)
+            on_objects = attention[0][:, looking][:, :, objects]  # (heads, positions, objects)
             share = (on_objects[..., asked].sum(-1) / on_objects.sum(-1).clamp_min(1e-9)).flatten()
             per_layer[layer]["right" if right else "wrong"].append(
                 torch.stack([share, asked.float().mean().expand_as(share)]))
@@ -232,8 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     world = Path(args.world)
     if args.count_readout:
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             questions = {split: train_target.encode_split(world / "shallow-init", toy_world.write_split(
                 Path(tmp) / split, "visual_qa", split, n)) for split, n in
@@ -247,8 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.shape_questions:
         from vllm_flash.checkpoint import load_target_config
         from vllm_flash.config import target_facts
-
-        import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:  # more held-out rows than the data folder holds
             questions = train_target.encode_split(world / "shallow-init", toy_world.write_split(

@@ -302,6 +302,26 @@ def shape_question(row_id: str) -> tuple[str, list] | None:
     return ex["question"].split()[2][:-1], ex["scenes"][0]
 
 
+def shape_question_positions(sample, tokenizer, image_token_id: int) -> tuple | None:
+    """Where a teacher-forced shape question's count is decided: (the positions that look, from the question's
+    shape word to the one that predicts the count, "There are|two"; the token positions of the picture's
+    objects; which of them have the asked shape). None for any other row."""
+    question = shape_question(sample.row_id)
+    if not question:
+        return None
+    shape, scene = question
+    word_id = tokenizer.encode(f" {shape}s", add_special_tokens=False)
+    if len(word_id) != 1:
+        raise ValueError(f"the tokenizer splits {shape + 's'!r} into several tokens: {word_id}")
+    visual = (sample.token_ids == image_token_id).nonzero().flatten()
+    word = (sample.token_ids[:sample.target_from] == word_id[0]).nonzero().flatten()
+    if len(visual) != 9 or len(word) != 1:
+        raise ValueError(f"{sample.row_id}: expected 9 cell tokens (an {world.IMAGE_SIZE}-px picture) and one "
+                         f"shape word, found {len(visual)} and {len(word)}")
+    return (slice(int(word[0]), sample.target_from + 2), visual[[o.row * 3 + o.col for o in scene]],
+            torch.tensor([o.shape == shape for o in scene]))
+
+
 class ShapeAttention:
     """Training aid, not shipped: a direct signal for picking one shape's objects out of a picture. Asked "How many
     triangles are there?", the target must find the triangles among the picture's nine cell tokens, and after
@@ -314,12 +334,9 @@ class ShapeAttention:
     runs unchanged."""
 
     def __init__(self, model, image_token_id: int, tokenizer, heads: tuple, weight: float = 0.5) -> None:
-        self.image_token_id, self.heads, self.weight = image_token_id, heads, weight
-        self.word_ids = {shape: tokenizer.encode(f" {shape}s", add_special_tokens=False) for shape in world.SHAPES}
-        if any(len(ids) != 1 for ids in self.word_ids.values()):
-            raise ValueError(f"the tokenizer splits a shape's plural into several tokens: {self.word_ids}")
+        self.image_token_id, self.tokenizer, self.heads, self.weight = image_token_id, tokenizer, heads, weight
         self.inputs: dict = {}  # layer -> (attention module, its input, its rotary cos and sin)
-        self.targets: dict = {}  # row id -> `target(sample)`
+        self.targets: dict = {}  # row id -> `shape_question_positions`
         layers = model.model.language_model.layers
         for layer in {layer for layer, _ in heads}:
             layers[layer].self_attn.register_forward_pre_hook(self._keep(layer), with_kwargs=True)
@@ -330,21 +347,8 @@ class ShapeAttention:
         return hook
 
     def target(self, sample):
-        """(the positions that look: the question's shape word to the one that predicts the count, the token
-        positions of the picture's objects, which of them have the asked shape) of a shape question; None for
-        any other row."""
         if sample.row_id not in self.targets:
-            self.targets[sample.row_id] = None
-            question = shape_question(sample.row_id)
-            if question:
-                shape, scene = question
-                visual = (sample.token_ids == self.image_token_id).nonzero().flatten()
-                word = (sample.token_ids[:sample.target_from] == self.word_ids[shape][0]).nonzero().flatten()
-                if len(visual) != 9 or len(word) != 1:
-                    raise ValueError(f"{sample.row_id}: expected 9 cell tokens and one shape word")
-                looking = slice(int(word[0]), sample.target_from + 2)  # "There are|two": the count's predictor
-                objects = visual[[o.row * 3 + o.col for o in scene]]
-                self.targets[sample.row_id] = (looking, objects, torch.tensor([o.shape == shape for o in scene]))
+            self.targets[sample.row_id] = shape_question_positions(sample, self.tokenizer, self.image_token_id)
         return self.targets[sample.row_id]
 
     def loss(self, chosen: list) -> torch.Tensor | None:
@@ -478,23 +482,21 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
             for group in opt.param_groups:
                 group["lr"] = lr * max(scale, 0.02)
             seen.clear()
-            loss = caption_loss = model(**batch).loss
+            caption_loss = model(**batch).loss
             # the tower runs on a batch's images first, then on its videos
             labels = [scene_labels(x.row_id) for key in PIXEL_KEYS
                       for x in chosen if key in x.inputs]
-            if labels and probe:
-                loss = loss + probe.loss(torch.cat(seen).view(-1, group_tokens, recipe.hidden),
-                                         torch.cat(labels).to(device))
+            probed = probe.loss(torch.cat(seen).view(-1, group_tokens, recipe.hidden),
+                                torch.cat(labels).to(device)) if labels and probe else None
             aided = aid.loss(chosen) if aid else None
-            if aided is not None:
-                loss = loss + aided
+            loss = caption_loss + sum(extra for extra in (probed, aided) if extra is not None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             if step % 20 == 0 or step == steps - 1:
                 line = {"stage": tag, "step": step, "of": steps, "loss": round(caption_loss.item(), 4),
-                        "probe": round(loss.item() - caption_loss.item() - (aided.item() if aided is not None else 0), 4),
+                        "probe": round(probed.item() if probed is not None else 0.0, 4),
                         **({"aid": round(aided.item(), 4)} if aided is not None else {}),
                         "elapsed_s": round(time.time() - start, 1)}
                 print(json.dumps(line), flush=True)
