@@ -10,12 +10,13 @@
   make a servable target again;
 - its accuracy check scores the split it is asked about (training rows tell under- from over-fitting);
 - diagnose_target.py scores a batch as training does, finds each move's axis and frame pair, and where the
-  target looks when it counts a shape, and how well its state holds the count; the shape-attention training
-  aid scores and trains that look;
+  target looks when it counts a shape, and how well its state holds the count and each shape's count; the
+  shape-attention training aid scores and trains that look, and the scene-count aid that count;
 - `vllm-flash bench` runs every method on the shipped target + drafts (eagle3 included, read natively by vLLM),
   writes latest.json / latest.md / PNG plots, and every method's greedy output equals plain decoding;
 - the README's main job, `vllm-flash demo`, captions held-out media losslessly and judges each caption.
 """
+import contextlib
 import importlib.util
 import json
 import shutil
@@ -110,15 +111,17 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
     with pytest.raises(SystemExit):  # not a whole number of merged visual tokens
         recipe_mod.main(["--quick", "--out", str(out), "--image-size", "100"])
     assert not out.exists()
-    aided = []  # the depth of each model a round trains with the shape-attention aid
-    real_aid = recipe_mod.ShapeAttention
-    monkeypatch.setattr(recipe_mod, "ShapeAttention",
-                        lambda model, *a: aided.append(len(model.model.language_model.layers)) or real_aid(model, *a))
+    aided = []  # (aid, the depth of the model) for each round that trains with an aid
+    for name in ("ShapeAttention", "SceneCounts"):
+        monkeypatch.setattr(recipe_mod, name, lambda model, *a, real=getattr(recipe_mod, name), name=name: aided.append(
+            (name, len(model.model.language_model.layers))) or real(model, *a))
     assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
-    assert aided == [8]  # the one round that names it (the quick recipe's last)
-    typo = recipe_mod.Recipe(deep_rounds=((1, 1e-3, {}, 2), (1, 1e-3, {}, "shape_atention")))
-    with pytest.raises(ValueError, match="deep round 2 names \\['shape_atention'\\]"):
-        recipe_mod.train_stages(out, typo, out / "data", out / "shallow-init", {}, tmp_path / "r.json", tmp_path / "l")
+    assert aided == [("SceneCounts", 8), ("ShapeAttention", 8)]  # the quick recipe's two rounds name one each
+    for options in ((2, "shape_atention"), (recipe_mod.SCENE_COUNTS, recipe_mod.SHAPE_ATTENTION)):
+        typo = recipe_mod.Recipe(deep_rounds=((1, 1e-3, {}, 2), (1, 1e-3, {}, *options)))
+        with pytest.raises(ValueError, match="deep round 2 names"):
+            recipe_mod.train_stages(out, typo, out / "data", out / "shallow-init", {}, tmp_path / "r.json",
+                                    tmp_path / "l")
     log = out / "train_target.log"
 
     def stages() -> list:
@@ -636,8 +639,9 @@ def test_shape_question_attention_looks_at_each_counted_shape_question(tmp_path)
 
 def test_count_readout_reads_the_states_that_decide_each_shape_questions_count(tmp_path):
     """diagnose_target --count-readout takes, for every shape question and no other, the states at the two
-    positions that decide its count ("There|are|two") with the asked shape's count; a read-out finds a count
-    the states hold, and not one they do not."""
+    positions that decide its count ("There|are|two") with the asked shape's count; --shape-counts takes every
+    question's state at its last prompt token with its picture's count of each shape; a read-out finds counts
+    the states hold, and not ones they do not."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from vllm_flash import world
@@ -673,6 +677,22 @@ def test_count_readout_reads_the_states_that_decide_each_shape_questions_count(t
     assert all(min(layer) >= 0.95 for name in diagnose_mod.POSITIONS for layer in read[name].values())
     guessed = diagnose_mod.count_readout(fit, (check[0], check[1].roll(1)))
     assert all(layer[0] < 0.6 for name in diagnose_mod.POSITIONS for layer in guessed[name].values())
+
+    # --shape-counts: every question's state at its last prompt token, with each shape's count in its picture
+    states, counts = diagnose_mod.picture_states(model, rows)
+    assert states.shape == (24, 1, 2, 64)
+    assert counts.tolist() == [[sum(o.shape == shape for o in ex["scenes"][0]) for shape in world.SHAPES]
+                               for ex in examples]
+    for row, state in zip(rows, states):  # the token before the answer's first, "The" or "There"
+        assert tokenizer.decode(row.token_ids[row.target_from]).strip() in ("The", "There")
+        assert torch.allclose(state[0, 0], embed(row.token_ids[row.target_from - 1]))
+    planted = torch.randint(0, 4, (200, 4), generator=generator)  # four shapes' counts, each in its own features
+    features = torch.randn(200, 1, 2, 32, generator=generator)
+    features[..., :16] += 8 * torch.nn.functional.one_hot(planted, 4).float().flatten(1)[:, None, None]
+    read = diagnose_mod.linear_readout((features[:150], planted[:150]), (features[150:], planted[150:]))
+    assert len(read) == 1 and all(min(layer) >= 0.95 for layer in read[0].values())
+    guessed = diagnose_mod.linear_readout((features[:150], planted[:150]), (features[150:], planted[150:].roll(1, 0)))
+    assert all(layer[0] < 0.6 for layer in guessed[0].values())
 
 
 def test_shape_attention_aid_is_the_asked_cells_share_of_attention_and_trains_it(tmp_path):
@@ -729,6 +749,116 @@ def test_shape_attention_aid_is_the_asked_cells_share_of_attention_and_trains_it
     assert all("aid" in x for x in logged) and any(x["aid"] > 0 for x in logged)  # every batch asks a shape
     after = expected_loss(model.eval())
     assert after < 0.5 * before, (before, after)
+
+
+def test_scene_counts_aid_reads_every_shapes_count_where_a_count_is_decided_and_trains_it(tmp_path):
+    """The scene-count training aid reads the chosen layer's output at the last prompt token and the two after it
+    ("There|are|two"), in every picture row and no clip, and its loss is the cross-entropy of each shape's count in
+    the picture; training with it lowers that loss, and a stopped round resumes with the read-out it had."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vllm_flash import world
+    from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=2, hidden=128, lm_head_scale=1.0, vocab_size=512,
+                                 corpus=recipe_mod.world_corpus(200), image_size=84)
+    pictures = [r for task in ("visual_qa", "image_caption")
+                for r in recipe_mod.encode_split(init, world.write_split(tmp_path / task, task, "heldout", 12))]
+    clips = recipe_mod.encode_split(init, world.write_split(tmp_path / "clips", "video_caption", "heldout", 2))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32).eval()
+    aid = recipe_mod.SceneCounts(model, layer=0, weight=3.0)
+
+    def expected_loss(batch: list) -> float:
+        with torch.no_grad():
+            hidden = model(**recipe_mod.collate(batch), output_hidden_states=True).hidden_states[1]  # layer 0's
+            losses = []
+            for b, row in enumerate(batch):
+                task, _, index = recipe_mod.parse_row_id(row.row_id)
+                scene = world.example(task, world.SPLIT_SEEDS["heldout"] + index)["scenes"][0]
+                counts = torch.tensor([sum(o.shape == shape for o in scene) for shape in world.SHAPES])
+                for position in range(row.target_from - 1, row.target_from + 2):
+                    logits = aid.read(hidden[b, position]).view(len(world.SHAPES), -1)
+                    losses.append(torch.nn.functional.cross_entropy(logits, counts, reduction="none"))
+        return torch.cat(losses).mean().item()
+
+    batch = pictures[::3] + clips
+    with torch.no_grad():
+        model(**recipe_mod.collate(batch))
+    assert aid.loss(batch).item() == pytest.approx(3.0 * expected_loss(pictures[::3]), rel=1e-5)
+    with torch.no_grad():
+        model(**recipe_mod.collate(clips))
+    assert aid.loss(clips) is None
+    before = expected_loss(pictures)
+
+    recipe = recipe_mod.Recipe(hidden=128, batch_size=4, warmup=1, save_every=3)
+    log = tmp_path / "log.jsonl"
+    recipe_mod.train(model, pictures, 120, 3e-3, recipe, log, "aided", init, tmp_path / "aided", aid=aid)
+    assert all("aid" in json.loads(line) for line in log.read_text().splitlines())
+    after = expected_loss(pictures)
+    # below the best guess that ignores the picture: each shape's counts as often as these pictures hold them
+    counts = torch.stack([recipe_mod.shape_counts(row.row_id) for row in pictures])
+    guess = sum(torch.distributions.Categorical(probs=torch.bincount(c, minlength=10) / len(c)).entropy()
+                for c in counts.T).item() / len(world.SHAPES)
+    assert after < 0.8 * guess < before, (before, guess, after)
+
+    # a round stopped after its first save (3 steps) resumes with the read-out it had then, not a fresh one
+    def aid_that(calls: list, stop_at: int | None):
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+        aid = recipe_mod.SceneCounts(model, layer=0)
+        real = aid.loss
+
+        def loss(chosen):
+            calls.append(aid.read.weight.detach().clone())
+            if len(calls) == stop_at:
+                raise RuntimeError("stopped")
+            return real(chosen)
+        aid.loss = loss
+        return model, aid
+
+    first, resumed = [], []
+    for calls, stop_at in ((first, 5), (resumed, None)):
+        model, aid = aid_that(calls, stop_at)
+        with pytest.raises(RuntimeError, match="stopped") if stop_at else contextlib.nullcontext():
+            recipe_mod.train(model, pictures, 6, 1e-3, recipe, log, "stopped", init, tmp_path / "stopped",
+                             aid=aid)
+    assert len(resumed) == 3  # steps 3, 4 and 5
+    torch.testing.assert_close(resumed[0], first[3])  # the read-out after 3 steps
+    assert not torch.equal(first[3], first[0])
+
+
+def test_count_words_aid_weights_the_words_that_decide_a_shape_questions_count(tmp_path):
+    """The count-word training aid is `weight` times the mean cross-entropy of the words that decide each shape
+    question's count ("There are two"), as the model predicts them, and nothing for other questions."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from vllm_flash import world
+    from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=1, hidden=64, lm_head_scale=1.0, vocab_size=512,
+                                 corpus=recipe_mod.world_corpus(200), image_size=84)
+    rows = recipe_mod.encode_split(init, world.write_split(tmp_path, "visual_qa", "heldout", 24))
+    tokenizer = AutoTokenizer.from_pretrained(init)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32).eval()
+    aid = recipe_mod.CountWords(model, weight=3.0)
+    with torch.no_grad():
+        logits = model(**recipe_mod.collate(rows)).logits
+        expected = []
+        for i, row in enumerate(rows):
+            ex = world.example("visual_qa", world.SPLIT_SEEDS["heldout"] + i)
+            if world.question_kind(ex["question"]) != "shape_count":
+                continue
+            verb, count = ex["answer"].split()[1:3]
+            for position in (row.target_from, row.target_from + 1):
+                word = row.token_ids[position + 1]
+                assert tokenizer.decode(word).strip() == (verb if position == row.target_from else count)
+                expected.append(torch.nn.functional.cross_entropy(logits[i, position], word))
+        assert len(expected) >= 6
+        assert aid.loss(rows).item() == pytest.approx(3.0 * torch.stack(expected).mean().item(), rel=1e-5)
+        others = [r for r in rows if not recipe_mod.shape_question(r.row_id)]
+        model(**recipe_mod.collate(others))
+        assert aid.loss(others) is None
 
 
 def test_target_diagnosis_finds_each_moves_destination_and_frame_pair():

@@ -7,6 +7,7 @@ frame pairs that Qwen2.5-VL's vision tower sees together or across two pairs.
     .venv/bin/python benchmarks/world/diagnose_target.py --world build/world --rows 60 --probe-rows 600
     .venv/bin/python benchmarks/world/diagnose_target.py --world build/world --stages target --shape-questions 600
     .venv/bin/python benchmarks/world/diagnose_target.py --world build/world --stages target --count-readout 2400
+    .venv/bin/python benchmarks/world/diagnose_target.py --world build/world --stages target --shape-counts 1600
 
 A stage is any checkpoint folder under WORLD (shallow, shallow-2, ..., deep). About 2 min on 2 cores for one stage
 at the default 48 rows per task and split (most of it encoding the rows).
@@ -160,7 +161,7 @@ def shape_question_attention(model, samples: list, image_token_id: int, tokenize
     return result
 
 
-POSITIONS = ("one or more", "count")  # "There|is|one" / "There|are|two": the two positions that decide a count
+POSITIONS = ("one or more", "count")  # the names of train_target.DECIDING's two positions
 
 
 @torch.no_grad()
@@ -175,36 +176,64 @@ def count_states(model, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
             continue
         shape, scene = question
         hidden = model(**train_target.collate([s]), output_hidden_states=True).hidden_states
-        states.append(torch.stack([torch.stack([h[0, s.target_from + i] for h in hidden]) for i in range(2)]))
+        states.append(torch.stack([h[0, train_target.deciding(s)] for h in hidden], dim=1))
         counts.append(sum(o.shape == shape for o in scene))
     return torch.stack(states), torch.tensor(counts)
+
+
+@torch.no_grad()
+def picture_states(model, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each question among `samples` (of any kind), teacher-forced: the residual stream at every layer (the
+    embeddings first) at the last prompt token, (questions, 1, layers + 1, hidden), where the whole picture and
+    question have been seen and nothing of the answer; and how many objects of each shape the picture holds,
+    (questions, shapes)."""
+    states = [torch.stack([h[0, s.target_from - 1] for h in
+                           model(**train_target.collate([s]), output_hidden_states=True).hidden_states])
+              for s in samples]
+    return torch.stack(states).unsqueeze(1), torch.stack([train_target.shape_counts(s.row_id) for s in samples])
+
+
+def linear_readout(fit: tuple, check: tuple, steps: int = 300) -> dict:
+    """Per position and layer of `fit`'s and `check`'s states (questions, positions, layers, hidden), a linear
+    read-out of the counts (questions[, counts per question]) fitted on `fit` and scored on `check`: the share of
+    its counts right, over all and over those of two or more."""
+    (xf, yf), (xc, yc) = fit, check
+    yf, yc = yf.view(len(yf), -1), yc.view(len(yc), -1)
+    classes = int(max(yf.max(), yc.max())) + 1
+    many = yc >= 2
+    result = []
+    for position in range(xf.shape[1]):
+        layers = {}
+        for layer in range(xf.shape[2]):
+            x = xf[:, position, layer]
+            mean, scale = x.mean(0), x.std(0) + 1e-6
+            read = torch.nn.Linear(x.shape[-1], yf.shape[1] * classes)
+            opt = torch.optim.AdamW(read.parameters(), lr=1e-2, weight_decay=0.05)
+            for _ in range(steps):
+                loss = torch.nn.functional.cross_entropy(read((x - mean) / scale).view(-1, classes), yf.flatten())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                got = read((xc[:, position, layer] - mean) / scale).view(len(yc), -1, classes).argmax(-1)
+            right = got == yc
+            layers[layer] = [round(right.float().mean().item(), 3), round(right[many].float().mean().item(), 3)]
+        result.append(layers)
+    return result
+
+
+def readout_baseline(counts: torch.Tensor) -> dict:
+    """What always saying the commonest count gets (over all, and over counts of two or more)."""
+    return {"counts": torch.bincount(counts.flatten()).tolist(), "commonest": [
+        round((y == y.flatten().mode().values).float().mean().item(), 3) for y in (counts, counts[counts >= 2])]}
 
 
 def count_readout(fit: tuple, check: tuple, steps: int = 300) -> dict:
     """Per position and layer, the share of `check`'s counts that a linear read-out fitted on `fit`'s states
     gets right, over all questions and over those with two or more of the shape, beside always saying the
     commonest count. Near that baseline at every layer: the target does not work the count out; it guesses."""
-    (xf, yf), (xc, yc) = fit, check
-    many = yc >= 2
-    result = {"questions": len(yc), "counts": torch.bincount(yc).tolist(), "commonest": [
-        round((y == y.mode().values).float().mean().item(), 3) for y in (yc, yc[many])]}
-    for position, name in enumerate(POSITIONS):
-        layers = {}
-        for layer in range(xf.shape[2]):
-            x = xf[:, position, layer]
-            mean, scale = x.mean(0), x.std(0) + 1e-6
-            read = torch.nn.Linear(x.shape[-1], int(max(yf.max(), yc.max())) + 1)
-            opt = torch.optim.AdamW(read.parameters(), lr=1e-2, weight_decay=0.05)
-            for _ in range(steps):
-                loss = torch.nn.functional.cross_entropy(read((x - mean) / scale), yf)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                right = read((xc[:, position, layer] - mean) / scale).argmax(-1) == yc
-            layers[layer] = [round(right.float().mean().item(), 3), round(right[many].float().mean().item(), 3)]
-        result[name] = layers
-    return result
+    read = linear_readout(fit, check, steps)
+    return {"questions": len(check[1]), **readout_baseline(check[1]), **dict(zip(POSITIONS, read))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,21 +250,29 @@ def main(argv: list[str] | None = None) -> int:
                    help="only say, per layer, how well a linear read-out finds a shape question's count in the "
                         "target's state: fitted on the shape questions among this many training questions, "
                         "checked on those among a quarter as many held out")
+    p.add_argument("--shape-counts", type=int, default=0,
+                   help="only say, per layer, how well a linear read-out finds the picture's count of every shape "
+                        "in the target's state at the last prompt token: fitted on this many training questions "
+                        "(of every kind), checked on a quarter as many held out")
     p.add_argument("--shape-questions", type=int, default=0,
                    help="only look at where each stage attends when it counts a shape, over this many held-out "
                         "questions (about a quarter of them ask that)")
     args = p.parse_args(argv)
     world = Path(args.world)
-    if args.count_readout:
+    if args.count_readout or args.shape_counts:
         with tempfile.TemporaryDirectory() as tmp:
+            n = args.count_readout or args.shape_counts
             questions = {split: train_target.encode_split(world / "shallow-init", toy_world.write_split(
-                Path(tmp) / split, "visual_qa", split, n)) for split, n in
-                (("train", args.count_readout), ("heldout", args.count_readout // 4))}
+                Path(tmp) / split, "visual_qa", split, rows)) for split, rows in (("train", n), ("heldout", n // 4))}
         for stage in args.stages.split(","):
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(world / stage, dtype=torch.float32).eval()
-            print(json.dumps({"stage": stage, **count_readout(count_states(model, questions["train"]),
-                                                              count_states(model, questions["heldout"]))}),
-                  flush=True)
+            if args.count_readout:
+                found = count_readout(*(count_states(model, questions[split]) for split in ("train", "heldout")))
+            else:
+                check = picture_states(model, questions["heldout"])
+                found = {"questions": len(check[1]), **readout_baseline(check[1]),
+                         "last prompt token": linear_readout(picture_states(model, questions["train"]), check)[0]}
+            print(json.dumps({"stage": stage, **found}), flush=True)
         return 0
     if args.shape_questions:
         from vllm_flash.checkpoint import load_target_config

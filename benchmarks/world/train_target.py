@@ -40,7 +40,11 @@ from vllm_flash.data import BadDataReport, encode_all, read_conversations  # noq
 
 
 TRAIN_ROWS = {"image_caption": 5000, "visual_qa": 5000, "video_caption": 16000}
-SHAPE_ATTENTION = "shape_attention"  # a deep round that names it trains with the `ShapeAttention` aid
+# training aids, not shipped: a deep round that names one trains with it (one aid a round)
+SHAPE_ATTENTION = "shape_attention"  # `ShapeAttention`
+SCENE_COUNTS = "scene_counts"  # `SceneCounts`
+COUNT_WORDS = "count_words"  # `CountWords`
+AIDS = (SHAPE_ATTENTION, SCENE_COUNTS, COUNT_WORDS)
 
 
 @dataclass
@@ -78,9 +82,8 @@ class Recipe:
                              (2.0, 3e-4, {**TRAIN_ROWS, "video_caption": 8000}),
                              (1.5, 3e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 5000}),
                              (1.5, 2e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 16000}))
-    # (steps, peak lr, training rows per task[, batch size][, SHAPE_ATTENTION]) per fine-tune of the deepened model
-    # (the recipe's batch size where a round names none; SHAPE_ATTENTION: with that training aid). The first is on
-    # the last
+    # (steps, peak lr, training rows per task[, batch size][, an aid of AIDS]) per fine-tune of the deepened model
+    # (the recipe's batch size where a round names none; an aid: trained with it). The first is on the last
     # shallow round's rows. (A second of 540 steps at 2e-4 on the same rows, tried from the 112-px target's
     # weights, moved no task beyond the noise of 60 held-out rows.) The second is on twice the distinct
     # questions, because after twelve rounds and the first fine-tune the answers were the weakest task (75.5%
@@ -110,13 +113,17 @@ class Recipe:
     # naming SHAPE_ATTENTION, 500 steps at 2e-4 from the third's weights on 4000 / 16000 / 4000 rows: its three
     # heads came to look more by shape (0.82 of their attention on the objects fell on the asked shape's, where
     # those are 0.55; the shipped target's 0.67-0.75), but the counts did not follow (teacher-forced 115 of 156
-    # right, 113 before; greedy 21 of 47 held out, 19 before) and image captions fell to 69%.)
+    # right, 113 before; greedy 21 of 47 held out, 19 before) and image captions fell to 69%. Nor did one naming
+    # SCENE_COUNTS, the same otherwise: the middle layer came to hold every shape's count, and the state that
+    # predicts the count the asked one's (a linear read-out gets 0.87 of them), but the model did not use it
+    # (teacher-forced 115 of 156, greedy 19 of 47), and it cost every task (55%, 75.5%, 50.5%).)
     deep_rounds: tuple = ((150, 3e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 16000}),
                           (1200, 2e-4, {"image_caption": 8000, "visual_qa": 20000, "video_caption": 12000}),
                           (1200, 2e-4, {"image_caption": 16000, "visual_qa": 32000, "video_caption": 24000}))
     # the heads (layer, head) that `ShapeAttention` teaches, in a round that names it: in the third fine-tune's
     # weights, the heads of three layers whose attention leaned most towards the asked shape's cells
     shape_attention_heads: tuple = ((6, 4), (12, 7), (18, 3))
+    scene_counts_layer: int = 11  # the layer whose output `SceneCounts` reads, in a round that names it
     warmup: int = 100
     seed: int = 0
     save_every: int = 200  # steps between saves of a round's progress (a stopped round resumes from the last)
@@ -290,6 +297,16 @@ class VisionProbe(torch.nn.Module):
         return probe + 1e-2 * features.pow(2).mean()
 
 
+# A shape question's answer opens "There is one ..." / "There are two ...": from its first token ("There"), the
+# positions that predict "is"/"are" (one or more) and the count word, the two that decide the count.
+DECIDING = slice(0, 2)
+
+
+def deciding(sample) -> slice:
+    """Where a teacher-forced shape question's count is decided (`DECIDING`) in `sample`'s tokens."""
+    return slice(sample.target_from + DECIDING.start, sample.target_from + DECIDING.stop)
+
+
 def shape_question(row_id: str) -> tuple[str, list] | None:
     """(the shape asked about, the picture's objects) of a generated "How many <shape>s are there?" row; None for
     any other row."""
@@ -318,7 +335,7 @@ def shape_question_positions(sample, tokenizer, image_token_id: int) -> tuple | 
     if len(visual) != 9 or len(word) != 1:
         raise ValueError(f"{sample.row_id}: expected 9 cell tokens (an {world.IMAGE_SIZE}-px picture) and one "
                          f"shape word, found {len(visual)} and {len(word)}")
-    return (slice(int(word[0]), sample.target_from + 2), visual[[o.row * 3 + o.col for o in scene]],
+    return (slice(int(word[0]), deciding(sample).stop), visual[[o.row * 3 + o.col for o in scene]],
             torch.tensor([o.shape == shape for o in scene]))
 
 
@@ -376,6 +393,84 @@ class ShapeAttention:
         return self.weight * torch.stack(losses).mean() if losses else None
 
 
+def shape_counts(row_id: str) -> torch.Tensor | None:
+    """How many objects of each of the world's shapes a row's picture holds; None for a clip."""
+    task, split, index = parse_row_id(row_id)
+    if task == "video_caption":
+        return None
+    scene = world.example(task, world.SPLIT_SEEDS[split] + index)["scenes"][0]
+    return torch.tensor([sum(o.shape == shape for o in scene) for shape in world.SHAPES])
+
+
+class SceneCounts(torch.nn.Module):
+    """Training aid, not shipped: a linear read-out of one middle layer's output that must say how many objects
+    of each shape the picture holds, at the positions where a question's answer decides a count (the last prompt
+    token, and the two after it: "There|are|two"), in every picture row. After three fine-tunes the shipped
+    target could not say how many triangles there are (`diagnose_target.py --count-readout`): past "one or
+    more", no layer held the count. Its heads that pick the asked shape out see a mean over those objects, in
+    which the count is not; a head spread over all nine cells sees each object as a ninth, which is how it counts
+    every object right. This asks the middle of the model for the picture's count of every shape, from which the
+    asked one is a look-up, and leaves how to the model."""
+
+    MAX_COUNT = 9  # objects a 3x3 grid can hold
+
+    def __init__(self, model, layer: int, weight: float = 0.5) -> None:
+        super().__init__()
+        hidden = model.config.text_config.hidden_size
+        self.read = torch.nn.Linear(hidden, len(world.SHAPES) * (self.MAX_COUNT + 1))
+        self.layer, self.weight, self.output = layer, weight, None
+        model.model.language_model.layers[layer].register_forward_hook(self._keep)
+
+    def _keep(self, _module, _args, output) -> None:
+        self.output = output[0] if isinstance(output, tuple) else output
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """(..., shapes, counts) from (..., hidden) states of the chosen layer."""
+        return self.read(states).unflatten(-1, (len(world.SHAPES), self.MAX_COUNT + 1))
+
+    def loss(self, chosen: list) -> torch.Tensor | None:
+        """The aid's loss over a batch's picture rows (None without any), after the model's forward."""
+        states, counts = [], []
+        for i, sample in enumerate(chosen):
+            count = shape_counts(sample.row_id)
+            if count is not None:
+                where = slice(sample.target_from - 1, deciding(sample).stop)  # the last prompt token on
+                states.append(self.output[i, where])
+                counts.append(count.expand(where.stop - where.start, -1))
+        if not states:
+            return None
+        logits = self.logits(torch.cat(states))
+        return self.weight * torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                               torch.cat(counts).flatten().to(logits.device))
+
+
+class CountWords:
+    """Training aid, not shipped: the words that decide a shape question's count ("There *are* *two*
+    triangles"), weighted more. Each is one of about 600 answer tokens in a batch, and the shipped target gets
+    them as wrong on its training rows as held out. The aid adds `weight` times their mean cross-entropy to the
+    caption loss (the mean over every answer token), from the logits a hook on the LM head keeps."""
+
+    def __init__(self, model, weight: float = 0.2) -> None:
+        self.weight, self.logits = weight, None
+        model.lm_head.register_forward_hook(self._keep)
+
+    def _keep(self, _module, _args, output) -> None:
+        self.logits = output
+
+    def loss(self, chosen: list) -> torch.Tensor | None:
+        """The aid's loss over a batch's shape questions (None without any), after the model's forward."""
+        logits, words = [], []
+        for i, sample in enumerate(chosen):
+            if shape_question(sample.row_id):
+                where = deciding(sample)
+                logits.append(self.logits[i, where])
+                words.append(sample.token_ids[where.start + 1:where.stop + 1])  # what those positions predict
+        if not logits:
+            return None
+        logits = torch.cat(logits)
+        return self.weight * torch.nn.functional.cross_entropy(logits, torch.cat(words).to(logits.device))
+
+
 def batches(samples: list, batch_size: int, rng: random.Random) -> list[list]:
     """Batches of similar length (less padding), in random order."""
     order = sorted(range(len(samples)), key=lambda i: (len(samples[i].token_ids), rng.random()))
@@ -400,15 +495,16 @@ def progress_path(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".progress.safetensors")
 
 
-def save_progress(path: Path, step: int, model, probe, opt, round_facts: dict) -> None:
-    """A round's state after `step` steps, in one safetensors file written atomically: model, probe and
-    AdamW moments, with `round_facts` (its steps, lr and rows). The batch order is not stored: it is replayed
-    from the seed."""
+def save_progress(path: Path, step: int, model, aids: dict, opt, round_facts: dict) -> None:
+    """A round's state after `step` steps, in one safetensors file written atomically: model, the training aids
+    with weights of their own (`aids`: name -> module or None; the vision probe is one) and AdamW moments, with
+    `round_facts` (its steps, lr and rows). The batch order is not stored: it is replayed from the seed."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    if probe:
-        tensors.update({f"probe.{k}": v.detach().cpu().clone() for k, v in probe.state_dict().items()})
+    for name, aid in aids.items():
+        if aid is not None:
+            tensors.update({f"{name}.{k}": v.detach().cpu().clone() for k, v in aid.state_dict().items()})
     for index, state in opt.state_dict()["state"].items():
         tensors.update({f"opt.{index}.{k}": (v.reshape(-1) if k == "step" else v).cpu() for k, v in state.items()})
     tmp = path.with_suffix(".tmp")
@@ -416,7 +512,7 @@ def save_progress(path: Path, step: int, model, probe, opt, round_facts: dict) -
     tmp.replace(path)
 
 
-def load_progress(path: Path, model, probe, opt, round_facts: dict) -> int:
+def load_progress(path: Path, model, aids: dict, opt, round_facts: dict) -> int:
     """Restore `save_progress`'s state; returns the steps already done (0 without a saved state). A state saved
     by another round (the recipe changed since) is refused: its schedule and batches would not continue."""
     from safetensors import safe_open
@@ -434,8 +530,9 @@ def load_progress(path: Path, model, probe, opt, round_facts: dict) -> int:
     tensors = load_file(path)
     part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     model.load_state_dict(part("model."))
-    if probe:
-        probe.load_state_dict(part("probe."))
+    for name, aid in aids.items():
+        if aid is not None:
+            aid.load_state_dict(part(f"{name}."))
     state: dict = {}
     for key, value in part("opt.").items():
         index, name = key.split(".", 1)
@@ -462,11 +559,13 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
             probe.load_state_dict(load_file(probe_from / PROBE_FILE))
         probe.to(device)
     model.to(device)
-    opt = torch.optim.AdamW([*model.parameters(), *(probe.parameters() if probe else ())], lr=lr,
-                            weight_decay=0.01, betas=(0.9, 0.98))
+    # the probe and an aid with weights of its own (`SceneCounts`) train beside the model
+    helpers = {"probe": probe, "aid": aid.to(device) if isinstance(aid, torch.nn.Module) else None}
+    opt = torch.optim.AdamW([*model.parameters(), *(p for h in helpers.values() if h for p in h.parameters())],
+                            lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     progress = progress_path(out_dir)
     round_facts = {"steps": steps, "lr": lr, "rows": len(samples), "batch_size": batch_size or recipe.batch_size}
-    done = load_progress(progress, model, probe, opt, round_facts)
+    done = load_progress(progress, model, helpers, opt, round_facts)
     seen: list = []  # the vision tower's outputs in this forward (images first, then videos)
     model.model.visual.register_forward_hook(lambda _m, _i, out: seen.append(out.pooler_output))
     model.train()
@@ -503,7 +602,7 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
                 log.write(json.dumps(line) + "\n")
                 log.flush()
             if (step + 1) % recipe.save_every == 0 and step + 1 < steps:
-                save_progress(progress, step + 1, model, probe, opt, round_facts)
+                save_progress(progress, step + 1, model, helpers, opt, round_facts)
     model.eval().cpu()
     model.save_pretrained(out_dir, safe_serialization=True)
     if probe:
@@ -602,10 +701,10 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     for number, (_, _, _, *options) in enumerate(recipe.deep_rounds, 1):  # a typo found now, not hours in
-        unknown = [o for o in options if not isinstance(o, int) and o != SHAPE_ATTENTION]
-        if unknown:
-            raise ValueError(f"deep round {number} names {unknown}: a round may name a batch size (an int) and "
-                             f"{SHAPE_ATTENTION!r}")
+        unknown = [o for o in options if not isinstance(o, int) and o not in AIDS]
+        if unknown or sum(o in AIDS for o in options) > 1:
+            raise ValueError(f"deep round {number} names {options}: a round may name a batch size (an int) and "
+                             f"one training aid of {AIDS}")
     encoded: list = []  # the encoded training rows
 
     def rows_of(rows: dict) -> list:
@@ -648,6 +747,10 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
 
                 aid = ShapeAttention(model, model.config.image_token_id, AutoTokenizer.from_pretrained(init),
                                      recipe.shape_attention_heads)
+            elif SCENE_COUNTS in options:
+                aid = SceneCounts(model, recipe.scene_counts_layer)
+            elif COUNT_WORDS in options:
+                aid = CountWords(model)
             t0 = time.time()
             train(model, rows_of(rows), steps, lr, recipe, log, deep_dir.name, probe_from, deep_dir,
                   batch_size=next((o for o in options if isinstance(o, int)), None), device=device, aid=aid)
@@ -679,9 +782,9 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Recipe(image_size=args.image_size)
     if args.quick:
         recipe = Recipe(heldout=2, batch_size=4, shallow_rounds=((1, 2e-3, {t: 8 for t in world.TASKS}),) * 2,
-                        deep_rounds=((2, 3e-4, {t: 8 for t in world.TASKS}),
+                        deep_rounds=((2, 3e-4, {t: 8 for t in world.TASKS}, SCENE_COUNTS),
                                      (2, 2e-4, {**{t: 8 for t in world.TASKS}, "visual_qa": 10}, 2, SHAPE_ATTENTION)),
-                        shape_attention_heads=((1, 0), (5, 1)),
+                        shape_attention_heads=((1, 0), (5, 1)), scene_counts_layer=3,
                         warmup=2, layers=8, shallow_layers=2, image_size=args.image_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
