@@ -637,23 +637,31 @@ def test_shape_question_attention_looks_at_each_counted_shape_question(tmp_path)
         assert all(0 <= layer[k][0] <= 1 for k in ("right", "wrong") if k in layer)
 
 
-def test_count_readout_reads_the_states_that_decide_each_shape_questions_count(tmp_path):
-    """diagnose_target --count-readout takes, for every shape question and no other, the states at the two
-    positions that decide its count ("There|are|two") with the asked shape's count; --shape-counts takes every
-    question's state at its last prompt token with its picture's count of each shape; a read-out finds counts
-    the states hold, and not ones they do not."""
+def _tiny_world_target(tmp_path, num_layers: int, hidden: int, **load):
+    """train_target.py as a module; a tiny Qwen2.5-VL on the world's vocabulary at 84 px (its folder), loaded
+    for evaluation (`load`: from_pretrained's options), with its tokenizer; and 24 held-out questions, encoded."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from vllm_flash import world
     from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
 
     recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
-    diagnose_mod = _load(ROOT / "benchmarks" / "world" / "diagnose_target.py")
-    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=1, hidden=64, lm_head_scale=1.0, vocab_size=512,
-                                 corpus=recipe_mod.world_corpus(200), image_size=84)
+    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=num_layers, hidden=hidden, lm_head_scale=1.0,
+                                 vocab_size=512, corpus=recipe_mod.world_corpus(200), image_size=84)
     rows = recipe_mod.encode_split(init, world.write_split(tmp_path, "visual_qa", "heldout", 24))
-    tokenizer = AutoTokenizer.from_pretrained(init)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32).eval()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32, **load).eval()
+    return recipe_mod, init, model, AutoTokenizer.from_pretrained(init), rows
+
+
+def test_count_readout_reads_the_states_that_decide_each_shape_questions_count(tmp_path):
+    """diagnose_target --count-readout takes, for every shape question and no other, the states at the two
+    positions that decide its count ("There|are|two") with the asked shape's count; --shape-counts takes every
+    question's state at its last prompt token with its picture's count of each shape; a read-out finds counts
+    the states hold, and not ones they do not."""
+    from vllm_flash import world
+
+    _, _, model, tokenizer, rows = _tiny_world_target(tmp_path, num_layers=1, hidden=64)
+    diagnose_mod = _load(ROOT / "benchmarks" / "world" / "diagnose_target.py")
     states, counts = diagnose_mod.count_states(model, rows)
     examples = [world.example("visual_qa", world.SPLIT_SEEDS["heldout"] + i) for i in range(24)]
     asked = [(row, ex) for row, ex in zip(rows, examples) if world.question_kind(ex["question"]) == "shape_count"]
@@ -700,18 +708,10 @@ def test_shape_attention_aid_is_the_asked_cells_share_of_attention_and_trains_it
     picture's objects, in each chosen head, from the question's shape word to the position that predicts the
     count, as the model's own (eager) attention gives it; it has nothing to say about other rows; and training
     with it raises that share."""
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-
     from vllm_flash import world
-    from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
 
-    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
-    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=2, hidden=128, lm_head_scale=1.0, vocab_size=512,
-                                 corpus=recipe_mod.world_corpus(200), image_size=84)
-    rows = recipe_mod.encode_split(init, world.write_split(tmp_path, "visual_qa", "heldout", 24))
-    tokenizer = AutoTokenizer.from_pretrained(init)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32,
-                                                               attn_implementation="eager").eval()
+    recipe_mod, init, model, tokenizer, rows = _tiny_world_target(tmp_path, num_layers=2, hidden=128,
+                                                                  attn_implementation="eager")
     heads = ((0, 2), (1, 1))  # 4 query heads over 2 key/value heads: the aid must pick each head's own keys
     aid = recipe_mod.ShapeAttention(model, model.config.image_token_id, tokenizer, heads=heads, weight=10.0)
     examples = [world.example("visual_qa", world.SPLIT_SEEDS["heldout"] + i) for i in range(24)]
@@ -830,17 +830,9 @@ def test_scene_counts_aid_reads_every_shapes_count_where_a_count_is_decided_and_
 def test_count_words_aid_weights_the_words_that_decide_a_shape_questions_count(tmp_path):
     """The count-word training aid is `weight` times the mean cross-entropy of the words that decide each shape
     question's count ("There are two"), as the model predicts them, and nothing for other questions."""
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-
     from vllm_flash import world
-    from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
 
-    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
-    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=1, hidden=64, lm_head_scale=1.0, vocab_size=512,
-                                 corpus=recipe_mod.world_corpus(200), image_size=84)
-    rows = recipe_mod.encode_split(init, world.write_split(tmp_path, "visual_qa", "heldout", 24))
-    tokenizer = AutoTokenizer.from_pretrained(init)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32).eval()
+    recipe_mod, _, model, tokenizer, rows = _tiny_world_target(tmp_path, num_layers=1, hidden=64)
     aid = recipe_mod.CountWords(model, weight=3.0)
     with torch.no_grad():
         logits = model(**recipe_mod.collate(rows)).logits
