@@ -118,7 +118,7 @@ class Recipe:
     # predicts the count the asked one's (a linear read-out gets 0.87 of them), but the model did not use it
     # (teacher-forced 115 of 156, greedy 19 of 47), and it cost every task (55%, 75.5%, 50.5%). Nor did
     # COUNT_WORDS, from the third's weights (greedy 14 of 47) or after SCENE_COUNTS (19 of 47): teacher-forced,
-    # every one of them says "one" for one object and "two" for any more.)
+    # each says "one" for one object and "two" for any more, where the third's weights guess "two" or "three".)
     deep_rounds: tuple = ((150, 3e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 16000}),
                           (1200, 2e-4, {"image_caption": 8000, "visual_qa": 20000, "video_caption": 12000}),
                           (1200, 2e-4, {"image_caption": 16000, "visual_qa": 32000, "video_caption": 24000}))
