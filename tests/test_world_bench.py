@@ -99,18 +99,28 @@ def test_shipped_assets_are_small_bf16_safetensors():
 
 
 def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(tmp_path, monkeypatch, capsys):
-    """`train_target.py --quick` trains, deepens, fine-tunes (the round that names the shape-attention aid with it;
-    an unknown option is refused before any training) and exports a bf16 target that vLLM serves and scores. Run
-    again, it trains and encodes nothing; with the deep stages removed, it trains only those."""
+    """`train_target.py --quick` trains, deepens, fine-tunes (each round that names a training aid with that aid;
+    an unknown option, or two aids, is refused before any training) and exports a bf16 target that vLLM serves
+    and scores. Run again, it trains and encodes nothing; with the deep stages removed, it trains only those."""
     from safetensors import safe_open
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vllm_flash import world
+    from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
 
     recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
     out = tmp_path / "world"
     with pytest.raises(SystemExit):  # not a whole number of merged visual tokens
         recipe_mod.main(["--quick", "--out", str(out), "--image-size", "100"])
     assert not out.exists()
+    shallow = build_tiny_qwen2_5_vl(tmp_path / "tiny", num_layers=4, hidden=64, lm_head_scale=1.0)
+    tiny = Qwen2_5_VLForConditionalGeneration.from_pretrained(shallow, dtype=torch.float32)
+    quick = recipe_mod.Recipe(shape_attention_heads=((1, 0),), scene_counts_layer=2)
+    built = {name: recipe_mod.build_aid((2, name), tiny, quick, shallow) for name in recipe_mod.AIDS}
+    assert {name: type(aid).__name__ for name, aid in built.items()} == {
+        recipe_mod.SHAPE_ATTENTION: "ShapeAttention", recipe_mod.SCENE_COUNTS: "SceneCounts",
+        recipe_mod.COUNT_WORDS: "CountWords"}
+    assert recipe_mod.build_aid((2,), tiny, quick, shallow) is None
     aided = []  # (aid, the depth of the model) for each round that trains with an aid
     for name in ("ShapeAttention", "SceneCounts"):
         monkeypatch.setattr(recipe_mod, name, lambda model, *a, real=getattr(recipe_mod, name), name=name: aided.append(

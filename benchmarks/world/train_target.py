@@ -420,7 +420,7 @@ class SceneCounts(torch.nn.Module):
         super().__init__()
         hidden = model.config.text_config.hidden_size
         self.read = torch.nn.Linear(hidden, len(world.SHAPES) * (self.MAX_COUNT + 1))
-        self.layer, self.weight, self.output = layer, weight, None
+        self.weight, self.output = weight, None
         model.model.language_model.layers[layer].register_forward_hook(self._keep)
 
     def _keep(self, _module, _args, output) -> None:
@@ -697,6 +697,21 @@ def export_bf16(src: Path, dst: Path, processor_dir: Path) -> None:
             shutil.copy(f, dst / f.name)
 
 
+def build_aid(options: tuple, model, recipe: Recipe, init: Path):
+    """The training aid that a deep round's `options` name, hooked into `model` (None where they name none);
+    `init` holds the tokenizer every stage shares."""
+    if SHAPE_ATTENTION in options:
+        from transformers import AutoTokenizer
+
+        return ShapeAttention(model, model.config.image_token_id, AutoTokenizer.from_pretrained(init),
+                              recipe.shape_attention_heads)
+    if SCENE_COUNTS in options:
+        return SceneCounts(model, recipe.scene_counts_layer)
+    if COUNT_WORDS in options:
+        return CountWords(model)
+    return None
+
+
 def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict, report_path: Path,
                  log: Path, device: str = "cpu", workers: int = 1) -> Path:
     """Every stage up to the exported target that is not there yet, each resuming from the one before."""
@@ -743,19 +758,10 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
     for round_index, ((steps, lr, rows, *options), deep_dir) in enumerate(zip(recipe.deep_rounds, deep_dirs)):
         if deep_dir not in skip:
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(previous, dtype=torch.float32)
-            aid = None
-            if SHAPE_ATTENTION in options:
-                from transformers import AutoTokenizer
-
-                aid = ShapeAttention(model, model.config.image_token_id, AutoTokenizer.from_pretrained(init),
-                                     recipe.shape_attention_heads)
-            elif SCENE_COUNTS in options:
-                aid = SceneCounts(model, recipe.scene_counts_layer)
-            elif COUNT_WORDS in options:
-                aid = CountWords(model)
             t0 = time.time()
             train(model, rows_of(rows), steps, lr, recipe, log, deep_dir.name, probe_from, deep_dir,
-                  batch_size=next((o for o in options if isinstance(o, int)), None), device=device, aid=aid)
+                  batch_size=next((o for o in options if isinstance(o, int)), None), device=device,
+                  aid=build_aid(options, model, recipe, init))
             report[f"{deep_dir.name.replace('-', '_')}_train_s"] = round(time.time() - t0)
             report_path.write_text(json.dumps(report, indent=1))
         previous = probe_from = deep_dir
