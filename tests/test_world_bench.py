@@ -19,6 +19,7 @@
 import contextlib
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -99,8 +100,9 @@ def test_shipped_assets_are_small_bf16_safetensors():
 
 
 def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(tmp_path, monkeypatch, capsys):
-    """`train_target.py --quick` trains, deepens, fine-tunes (each round that names a training aid with that aid;
-    an unknown option, or two aids, is refused before any training) and exports a bf16 target that vLLM serves
+    """`train_target.py --quick` trains, deepens, fine-tunes (each round that names a training aid with that aid,
+    and one that names an lr multiplier for the added layers with it; an unknown option, or two of a kind, is
+    refused before any training) and exports a bf16 target that vLLM serves
     and scores. Run again, it trains and encodes nothing; with the deep stages removed, it trains only those."""
     from safetensors import safe_open
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -116,18 +118,27 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
     shallow = build_tiny_qwen2_5_vl(tmp_path / "tiny", num_layers=4, hidden=64, lm_head_scale=1.0)
     tiny = Qwen2_5_VLForConditionalGeneration.from_pretrained(shallow, dtype=torch.float32)
     quick = recipe_mod.Recipe(shape_attention_heads=((1, 0),), scene_counts_layer=2)
-    built = {name: recipe_mod.build_aid((2, name), tiny, quick, shallow) for name in recipe_mod.AIDS}
+    built = {name: recipe_mod.build_aid(name, tiny, quick, shallow) for name in recipe_mod.AIDS}
     assert {name: type(aid).__name__ for name, aid in built.items()} == {
         recipe_mod.SHAPE_ATTENTION: "ShapeAttention", recipe_mod.SCENE_COUNTS: "SceneCounts",
         recipe_mod.COUNT_WORDS: "CountWords"}
-    assert recipe_mod.build_aid((2,), tiny, quick, shallow) is None
+    assert recipe_mod.build_aid(None, tiny, quick, shallow) is None
+    assert recipe_mod.round_options((), 1) == (None, 1.0, None)
+    assert recipe_mod.round_options((recipe_mod.COUNT_WORDS, 64, 5.0), 1) == (64, 5.0, recipe_mod.COUNT_WORDS)
+    scales = []  # the added layers' lr multiplier of every round, in order
+    real_groups = recipe_mod.parameter_groups
+    monkeypatch.setattr(recipe_mod, "parameter_groups",
+                        lambda model, recipe, extra, scale: scales.append(scale) or real_groups(model, recipe, extra,
+                                                                                                scale))
     aided = []  # (aid, the depth of the model) for each round that trains with an aid
     for name in ("ShapeAttention", "SceneCounts"):
         monkeypatch.setattr(recipe_mod, name, lambda model, *a, real=getattr(recipe_mod, name), name=name: aided.append(
             (name, len(model.model.language_model.layers))) or real(model, *a))
     assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
     assert aided == [("SceneCounts", 8), ("ShapeAttention", 8)]  # the quick recipe's two rounds name one each
-    for options in ((2, "shape_atention"), (recipe_mod.SCENE_COUNTS, recipe_mod.SHAPE_ATTENTION)):
+    assert scales == [1.0, 1.0, 1.0, 4.0]  # two shallow rounds, then the deep ones: the second names 4.0
+    for options in ((2, "shape_atention"), (recipe_mod.SCENE_COUNTS, recipe_mod.SHAPE_ATTENTION), (2, 4),
+                    (2.0, 3.0), (-1.0,)):
         typo = recipe_mod.Recipe(deep_rounds=((1, 1e-3, {}, 2), (1, 1e-3, {}, *options)))
         with pytest.raises(ValueError, match="deep round 2 names"):
             recipe_mod.train_stages(out, typo, out / "data", out / "shallow-init", {}, tmp_path / "r.json",
@@ -401,6 +412,57 @@ def test_a_stopped_round_resumes_from_its_saved_progress_to_the_same_weights(tmp
     assert sizes == [2, 2]
 
 
+def test_an_added_layers_lr_multiplier_moves_the_layers_deepening_added_that_much_faster(tmp_path, monkeypatch):
+    """With `added_lr_scale`, the layers that deepening added (not the trained ones it spread out) train at that
+    multiple of the round's lr, and everything else exactly as without it: Adam's first step moves each weight by
+    about its lr. A saved round is not resumed at another multiplier; the shallow model takes none."""
+    from safetensors.torch import load_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vllm_flash import world
+    from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    init = build_tiny_qwen2_5_vl(tmp_path / "init", num_layers=4, hidden=64, lm_head_scale=1.0, vocab_size=512,
+                                 corpus=recipe_mod.world_corpus(200), image_size=world.IMAGE_SIZE)
+    rows = recipe_mod.encode_split(init, world.write_split(tmp_path, "image_caption", "train", 1))
+    recipe = recipe_mod.Recipe(hidden=64, batch_size=1, warmup=1, layers=4, shallow_layers=2)
+    assert recipe_mod.added_layers(recipe) == {1, 3}
+    before = load_file(init / "model.safetensors")
+
+    def one_step(name: str, scale: float, rows=rows, recipe=recipe) -> dict:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+        recipe_mod.train(model, rows, 1, 1e-3, recipe, tmp_path / "log.jsonl", name, init, tmp_path / name,
+                         added_lr_scale=scale)
+        after = load_file(tmp_path / name / "model.safetensors")
+        return {k: (after[k] - before[k]).abs().max().item() for k in before}
+
+    plain, scaled = one_step("plain", 1.0), one_step("scaled", 10.0)
+    text_layer = re.compile(r"model\.layers\.(\d+)\.")  # as saved: the text layers' names without "language_model"
+    layer = lambda key: int(text_layer.match(key)[1]) if text_layer.match(key) else None  # noqa: E731
+    added = [k for k in before if layer(k) in (1, 3) and k.endswith("proj.weight")]
+    assert len(added) == 14
+    for key in before:
+        if key in added:
+            assert 0.9e-3 < plain[key] < 1.1e-3 and 9e-3 < scaled[key] < 11e-3, (key, plain[key], scaled[key])
+        elif layer(key) not in (1, 3):
+            assert scaled[key] == plain[key], key
+    with pytest.raises(ValueError, match="needs the deepened model"):
+        one_step("shallow", 10.0, recipe=recipe_mod.Recipe(hidden=64, batch_size=1, warmup=1, layers=8))
+    saving = recipe_mod.Recipe(hidden=64, batch_size=1, warmup=1, layers=4, shallow_layers=2, save_every=1)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    two = rows * 2
+    real_collate, calls = recipe_mod.collate, []
+    monkeypatch.setattr(recipe_mod, "collate",  # stopped in its second step, after the first was saved
+                        lambda samples: calls.append(1) or (real_collate(samples) if len(calls) < 2 else 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        recipe_mod.train(model, two, 2, 1e-3, saving, tmp_path / "log.jsonl", "x", init, tmp_path / "x",
+                         added_lr_scale=10.0)
+    monkeypatch.setattr(recipe_mod, "collate", real_collate)
+    with pytest.raises(RuntimeError, match="added_lr_scale 10.0, now 1.0"):
+        recipe_mod.train(model, two, 2, 1e-3, saving, tmp_path / "log.jsonl", "x", init, tmp_path / "x")
+
+
 def test_a_gpu_round_trains_as_many_steps_as_fit_its_deadline_and_reports_them(tmp_path, monkeypatch, capsys):
     """A variant times its steps, trains as many as fit before the deadline, and reports that round (steps, lr,
     rows, batch size), with weights that make a target again, trained away from the start; --time-batches times
@@ -419,21 +481,40 @@ def test_a_gpu_round_trains_as_many_steps_as_fit_its_deadline_and_reports_them(t
     rows = {"image_caption": 2, "visual_qa": 0, "video_caption": 2}
     samples = [row for task in ("image_caption", "video_caption")
                for row in recipe_mod.encode_split(start, world.write_split(tmp_path / "data", task, "train", 2))]
-    timed = []
+    timed, timed_at = [], []
     real_step_seconds = gpu_round.step_seconds
-    # as if a step took 10 s: 5 of them fit before the deadline (with up to 9 s spent timing them), after
-    # EXPORT_S for the export
-    monkeypatch.setattr(gpu_round, "step_seconds", lambda *a: timed.append(real_step_seconds(*a)) or 10.0)
-    gpu_round.run_variant("v", 1e-3, 2, samples, start, tmp_path / "work", tmp_path / "out",
-                          time.time() + gpu_round.EXPORT_S + 59, "cpu", rows)
+    # as if a step took 10 s: as many fit as leave EXPORT_S for the export, counted from when the timing ended
+    monkeypatch.setattr(gpu_round, "step_seconds",
+                        lambda *a: timed.append(real_step_seconds(*a)) or timed_at.append(time.time()) or 10.0)
+    deadline = time.time() + gpu_round.EXPORT_S + 75
+    gpu_round.run_variant("v", 1e-3, 2, samples, start, tmp_path / "work", tmp_path / "out", deadline, "cpu", rows)
     assert len(timed) == 1 and timed[0] > 0
+    fit = int((deadline - timed_at[0] - gpu_round.EXPORT_S) / 10)
+    assert fit >= 2
     facts = json.loads((tmp_path / "out" / "v" / "facts.json").read_text())
-    assert facts["round"] == [5, 1e-3, rows, 2] and facts["step_s"] == 10.0
+    assert facts["round"] == [fit, 1e-3, rows, 2] and facts["step_s"] == 10.0
     logged = [json.loads(line) for line in (tmp_path / "work" / "v.log").read_text().splitlines()]
-    assert logged[-1]["step"] == 4 and logged[-1]["of"] == 5
+    assert logged[-1]["step"] == fit - 1 and logged[-1]["of"] == fit
     gpu_round.assemble(tmp_path / "out" / "v", tmp_path / "target", start)
     before, after = load_file(start / "model.safetensors"), load_file(tmp_path / "target" / "model.safetensors")
     assert any(not torch.equal(after[k], before[k].to(after[k].dtype)) for k in before)
+
+    # the command: the rows written and encoded once, then one process per variant, each with its own round (an
+    # lr multiplier for the layers deepening added needs a start as deep as the recipe's)
+    deep = build_tiny_qwen2_5_vl(tmp_path / "deep", num_layers=recipe_mod.Recipe().layers, hidden=64,
+                                 lm_head_scale=1.0, vocab_size=512, corpus=recipe_mod.world_corpus(200),
+                                 image_size=world.IMAGE_SIZE)
+    monkeypatch.setattr(gpu_round, "step_seconds", lambda *a: 10.0)
+    assert gpu_round.main(["--start", str(deep), "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r"),
+                           "--rows", "2", "--workers", "1", "--device", "cpu", "--variant", "1e-3:2",
+                           "--variant", "2e-3:1:3", "--deadline", str(time.time() + gpu_round.EXPORT_S + 40)]) == 0
+    rounds = {v: json.loads((tmp_path / "r" / v / "facts.json").read_text())["round"]
+              for v in ("lr1e-3_b2", "lr2e-3_b1_x3")}
+    assert {v: r[1:] for v, r in rounds.items()} == {"lr1e-3_b2": [1e-3, {t: 2 for t in world.TASKS}, 2],
+                                                     "lr2e-3_b1_x3": [2e-3, {t: 2 for t in world.TASKS}, 1, 3.0]}
+    assert gpu_round.main(["--start", str(start), "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r1"),
+                           "--rows", "2", "--workers", "1", "--device", "cpu", "--variant", "2e-3:1:3",
+                           "--deadline", str(time.time() + gpu_round.EXPORT_S + 40)]) == 1  # too shallow: refused
 
     # --time-batches: per batch size, a step on fresh batches (12 collated) and on one batch ready on the device
     monkeypatch.setattr(gpu_round, "step_seconds", real_step_seconds)

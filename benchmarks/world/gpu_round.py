@@ -1,8 +1,9 @@
 """One deep fine-tune of the toy target on a lent GPU, in as many steps as fit a deadline, at one learning rate
 and batch size. On 2 cores a fine-tune step of 16 rows takes about 3.6 s (4.4 rows/s); on an H200 a step of 256
 rows took 0.52 s (490 rows/s) and one of 64 rows 0.21 s (`--time-batches 16,64,256`): the small model is bound
-by per-step overheads, so a large batch comes nearly free. Two variants side by side on the one GPU each ran
-at about half speed (0.47-0.54 s a step of 64), so run one at a time.
+by per-step overheads, so a large batch comes nearly free. Variants side by side on the one GPU lose more than
+they share: two at batch 64 took 0.47-0.54 s a step each, and two at batch 256 1.76-1.83 s (one alone 0.52 s),
+each with all the cores' threads; so run one at a time, or give each its share of the cores (as now).
 
 On the GPU machine (PyTorch and transformers, no vLLM), from the repository root: write the data (all cores),
 then train until a deadline:
@@ -14,13 +15,14 @@ Here, build the target from what came back and score it with vLLM:
 
 A variant writes its bf16 weights in two safetensors parts (what a GPU machine sends back is at most 16 MiB a
 file) and `facts.json`: the steps it took, which make the round a `Recipe.deep_rounds` entry
-(steps, lr, rows, batch size) that `train_target.py` retrains anywhere.
+(steps, lr, rows, batch size[, the added layers' lr multiplier]) that `train_target.py` retrains anywhere.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -106,8 +108,12 @@ def assemble(parts_dir: Path, into: Path, start: Path) -> None:
 
 
 def run_variant(name: str, lr: float, batch_size: int, samples: list, start: Path, work: Path, results: Path,
-                deadline: float, device: str, rows: dict) -> None:
+                deadline: float, device: str, rows: dict, added_lr_scale: float = 1.0, threads: int | None = None
+                ) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
+
+    if threads:  # variants side by side, each with every core's threads, starve each other's Python (untimed)
+        torch.set_num_threads(threads)
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(start, dtype=torch.float32)
     seconds = step_seconds(model, samples, batch_size, device)
@@ -118,11 +124,12 @@ def run_variant(name: str, lr: float, batch_size: int, samples: list, start: Pat
     log = work / f"{name}.log"
     t0 = time.time()
     train_target.train(model, samples, steps, lr, recipe, log, name, start, work / name, batch_size=batch_size,
-                       device=device)
+                       device=device, added_lr_scale=added_lr_scale)
     train_s = time.time() - t0
     save_parts(work / name, results / name)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
-    facts = {"round": [steps, lr, rows, batch_size], "step_s": round(seconds, 4), "train_s": round(train_s),
+    round_ = [steps, lr, rows, batch_size, *([added_lr_scale] if added_lr_scale != 1 else [])]  # as in the recipe
+    facts = {"round": round_, "step_s": round(seconds, 4), "train_s": round(train_s),
              "device": torch.cuda.get_device_name() if device.startswith("cuda") else device, "start": str(start),
              "loss": [(line["step"], line["loss"]) for line in lines if line["step"] % 200 == 0 or line is lines[-1]]}
     (results / name / "facts.json").write_text(json.dumps(facts, indent=1))
@@ -135,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/gpu_round", help="the data and checkpoints (shared by the variants)")
     p.add_argument("--results", help="where the variant's weights and facts go")
     p.add_argument("--deadline", type=float, help="when (seconds since the epoch) the variant must be done")
-    p.add_argument("--variant", help="PEAK_LR:BATCH_SIZE, e.g. 2e-4:64; without it, only write the data")
+    p.add_argument("--variant", action="append", default=[],
+                   help="PEAK_LR:BATCH_SIZE[:ADDED_LAYERS_LR_SCALE], e.g. 2e-4:256 or 2e-4:256:5; again for another "
+                        "variant, trained beside it on the same encoded rows; without it, only write the data")
     p.add_argument("--rows", type=int, help="at most this many rows per task (default: the last deep round's)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes that write or encode the data")
@@ -162,10 +171,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.time_batches:
         time_batches(samples, start, [int(b) for b in args.time_batches.split(",")], args.device)
         return 0
-    lr, batch_size = args.variant.split(":")
-    run_variant(f"lr{lr}_b{batch_size}", float(lr), int(batch_size), samples, start, work, Path(args.results),
-                args.deadline, args.device, rows)
-    return 0
+    # one process per variant, forked once the rows are encoded (so they are encoded once); the parent has not
+    # touched CUDA, so each child starts its own
+    children = []
+    for variant in args.variant:
+        lr, batch_size, *scale = variant.split(":")
+        name = f"lr{lr}_b{batch_size}" + (f"_x{scale[0]}" if scale else "")
+        child = multiprocessing.get_context("fork").Process(
+            target=run_variant, name=name, args=(name, float(lr), int(batch_size), samples, start, work,
+                                                 Path(args.results), args.deadline, args.device, rows,
+                                                 float(scale[0]) if scale else 1.0,
+                                                 max(1, args.workers // len(args.variant))))
+        child.start()
+        children.append(child)
+    for child in children:
+        child.join()
+    failed = [child.name for child in children if child.exitcode]
+    if failed:
+        print(json.dumps({"failed": failed}), flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

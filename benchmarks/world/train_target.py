@@ -82,8 +82,9 @@ class Recipe:
                              (2.0, 3e-4, {**TRAIN_ROWS, "video_caption": 8000}),
                              (1.5, 3e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 5000}),
                              (1.5, 2e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 16000}))
-    # (steps, peak lr, training rows per task[, batch size][, an aid of AIDS]) per fine-tune of the deepened model
-    # (the recipe's batch size where a round names none; an aid: trained with it). The first is on the last
+    # (steps, peak lr, training rows per task[, batch size][, lr multiplier][, an aid of AIDS]) per fine-tune of
+    # the deepened model (the recipe's batch size where a round names none; a float: the lr multiplier of the
+    # layers that deepening added; an aid: trained with it). The first is on the last
     # shallow round's rows. (A second of 540 steps at 2e-4 on the same rows, tried from the 112-px target's
     # weights, moved no task beyond the noise of 60 held-out rows.) The second is on twice the distinct
     # questions, because after twelve rounds and the first fine-tune the answers were the weakest task (75.5%
@@ -118,7 +119,10 @@ class Recipe:
     # predicts the count the asked one's (a linear read-out gets 0.87 of them), but the model did not use it
     # (teacher-forced 115 of 156, greedy 19 of 47), and it cost every task (55%, 75.5%, 50.5%). Nor did
     # COUNT_WORDS, from the third's weights (greedy 14 of 47) or after SCENE_COUNTS (19 of 47): teacher-forced,
-    # each says "one" for one object and "two" for any more, where the third's weights guess "two" or "three".)
+    # each says "one" for one object and "two" for any more, where the third's weights guess "two" or "three".
+    # Nor did giving the layers that deepening added 5 or 20 times the lr, 132 and 127 steps of 256 rows at 2e-4
+    # on a lent H200 from the shipped weights (83.5%, 82%, 68% and 83%, 81.5%, 69% on 200 held out; shape
+    # questions 19 and 18 of 47): their residual branches grew from about 0.7 to 0.9 and 1.8.)
     deep_rounds: tuple = ((150, 3e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 16000}),
                           (1200, 2e-4, {"image_caption": 8000, "visual_qa": 20000, "video_caption": 12000}),
                           (1200, 2e-4, {"image_caption": 16000, "visual_qa": 32000, "video_caption": 24000}))
@@ -545,7 +549,7 @@ def load_progress(path: Path, model, aids: dict, opt, round_facts: dict) -> int:
 
 def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path: Path, tag: str,
           probe_from: Path, out_dir: Path, fresh_probe: bool = False, batch_size: int | None = None,
-          device: str = "cpu", aid=None) -> None:
+          device: str = "cpu", aid=None, added_lr_scale: float = 1.0) -> None:
     """Train `model` and save it to `out_dir`. The vision probe starts fresh only with a fresh model; later it
     carries over from `probe_from`, and where that has none (a model restored from the shipped weights, which
     leave the probe out) training goes on without it: a random probe would push random gradients into the
@@ -563,10 +567,12 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
     model.to(device)
     # the probe and an aid with weights of its own (`SceneCounts`) train beside the model
     helpers = {"probe": probe, "aid": aid.to(device) if isinstance(aid, torch.nn.Module) else None}
-    opt = torch.optim.AdamW([*model.parameters(), *(p for h in helpers.values() if h for p in h.parameters())],
-                            lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    extra = [p for h in helpers.values() if h for p in h.parameters()]
+    opt = torch.optim.AdamW(parameter_groups(model, recipe, extra, added_lr_scale), lr=lr, weight_decay=0.01,
+                            betas=(0.9, 0.98))
     progress = progress_path(out_dir)
-    round_facts = {"steps": steps, "lr": lr, "rows": len(samples), "batch_size": batch_size or recipe.batch_size}
+    round_facts = {"steps": steps, "lr": lr, "rows": len(samples), "batch_size": batch_size or recipe.batch_size,
+                   "added_lr_scale": added_lr_scale}
     done = load_progress(progress, model, helpers, opt, round_facts)
     seen: list = []  # the vision tower's outputs in this forward (images first, then videos)
     model.model.visual.register_forward_hook(lambda _m, _i, out: seen.append(out.pooler_output))
@@ -581,7 +587,7 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
             batch = {k: v.to(device) for k, v in collate(chosen).items()}
             scale = min(1.0, (step + 1) / recipe.warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
             for group in opt.param_groups:
-                group["lr"] = lr * max(scale, 0.02)
+                group["lr"] = lr * group["lr_scale"] * max(scale, 0.02)
             seen.clear()
             caption_loss = model(**batch).loss
             # the tower runs on a batch's images first, then on its videos
@@ -612,6 +618,32 @@ def train(model, samples: list, steps: int, lr: float, recipe: Recipe, log_path:
     progress.unlink(missing_ok=True)
 
 
+TEXT_LAYERS = "model.language_model.layers."  # the prefix of the text layers' parameters
+
+
+def added_layers(recipe: Recipe) -> set[int]:
+    """The text layers that `deepen` adds between the shallow model's trained ones (every
+    `layers // shallow_layers`-th layer is a trained one)."""
+    every = recipe.layers // recipe.shallow_layers
+    return {i for i in range(recipe.layers) if i % every or i // every >= recipe.shallow_layers}
+
+
+def parameter_groups(model, recipe: Recipe, extra: list, added_lr_scale: float) -> list[dict]:
+    """AdamW's parameter groups: everything at the round's lr, or, with `added_lr_scale` != 1, the layers that
+    deepening added at that multiple of it (in a separate group). Why: started at zero, after three fine-tunes
+    their residual branches were a twentieth of the trained layers' (norms 0.6-1.1 against 17-27)."""
+    if added_lr_scale == 1:
+        return [{"params": [*model.parameters(), *extra], "lr_scale": 1.0}]
+    if model.config.text_config.num_hidden_layers != recipe.layers:
+        raise ValueError(f"an lr multiplier for the added layers needs the deepened model ({recipe.layers} "
+                         f"layers), not one of {model.config.text_config.num_hidden_layers}")
+    added = added_layers(recipe)
+    in_added = {n: n.startswith(TEXT_LAYERS) and int(n[len(TEXT_LAYERS):].split(".")[0]) in added
+                for n, _ in model.named_parameters()}
+    return [{"params": [p for n, p in model.named_parameters() if not in_added[n]] + extra, "lr_scale": 1.0},
+            {"params": [p for n, p in model.named_parameters() if in_added[n]], "lr_scale": added_lr_scale}]
+
+
 def deepen(shallow_dir: Path, out_dir: Path, recipe: Recipe) -> None:
     """Spread the trained layers over a deeper stack; new layers start as exact identities."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -626,15 +658,15 @@ def deepen(shallow_dir: Path, out_dir: Path, recipe: Recipe) -> None:
     state = deep.state_dict()
     old = shallow.state_dict()
     every = recipe.layers // recipe.shallow_layers
-    prefix = "model.language_model.layers."
+    added = added_layers(recipe)
     for name in state:
-        if not name.startswith(prefix):
+        if not name.startswith(TEXT_LAYERS):
             state[name] = old[name]
             continue
-        index, rest = name[len(prefix):].split(".", 1)
+        index, rest = name[len(TEXT_LAYERS):].split(".", 1)
         index = int(index)
-        if index % every == 0 and index // every < recipe.shallow_layers:
-            state[name] = old[f"{prefix}{index // every}.{rest}"]
+        if index not in added:
+            state[name] = old[f"{TEXT_LAYERS}{index // every}.{rest}"]
         elif rest in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
             state[name] = torch.zeros_like(state[name])
     deep.load_state_dict(state)
@@ -697,17 +729,30 @@ def export_bf16(src: Path, dst: Path, processor_dir: Path) -> None:
             shutil.copy(f, dst / f.name)
 
 
-def build_aid(options: tuple, model, recipe: Recipe, init: Path):
-    """The training aid that a deep round's `options` name, hooked into `model` (None where they name none);
-    `init` holds the tokenizer every stage shares."""
-    if SHAPE_ATTENTION in options:
+def round_options(options: tuple, number: int) -> tuple[int | None, float, str | None]:
+    """A deep round's options: its batch size (an int), the lr multiplier of the layers that deepening added (a
+    float) and its training aid (one of AIDS), each at most once; None, 1.0 and None where it names none."""
+    ints = [o for o in options if isinstance(o, int) and not isinstance(o, bool)]
+    floats = [o for o in options if isinstance(o, float)]
+    aids = [o for o in options if o in AIDS]
+    if len(ints) + len(floats) + len(aids) != len(options) or max(len(ints), len(floats), len(aids)) > 1 \
+            or any(o <= 0 for o in ints + floats):
+        raise ValueError(f"deep round {number} names {options}: a round may name a batch size (an int), an lr "
+                         f"multiplier for the added layers (a float) and one training aid of {AIDS}, each once")
+    return (ints or [None])[0], (floats or [1.0])[0], (aids or [None])[0]
+
+
+def build_aid(aid: str | None, model, recipe: Recipe, init: Path):
+    """The training aid named `aid` (one of AIDS), hooked into `model`; None for None. `init` holds the
+    tokenizer every stage shares."""
+    if aid == SHAPE_ATTENTION:
         from transformers import AutoTokenizer
 
         return ShapeAttention(model, model.config.image_token_id, AutoTokenizer.from_pretrained(init),
                               recipe.shape_attention_heads)
-    if SCENE_COUNTS in options:
+    if aid == SCENE_COUNTS:
         return SceneCounts(model, recipe.scene_counts_layer)
-    if COUNT_WORDS in options:
+    if aid == COUNT_WORDS:
         return CountWords(model)
     return None
 
@@ -718,10 +763,7 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     for number, (_, _, _, *options) in enumerate(recipe.deep_rounds, 1):  # a typo found now, not hours in
-        unknown = [o for o in options if not isinstance(o, int) and o not in AIDS]
-        if unknown or sum(o in AIDS for o in options) > 1:
-            raise ValueError(f"deep round {number} names {options}: a round may name a batch size (an int) and "
-                             f"one training aid of {AIDS}")
+        round_options(options, number)
     encoded: list = []  # the encoded training rows
 
     def rows_of(rows: dict) -> list:
@@ -759,9 +801,10 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
         if deep_dir not in skip:
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(previous, dtype=torch.float32)
             t0 = time.time()
+            batch_size, added_lr_scale, aid = round_options(options, round_index + 1)
             train(model, rows_of(rows), steps, lr, recipe, log, deep_dir.name, probe_from, deep_dir,
-                  batch_size=next((o for o in options if isinstance(o, int)), None), device=device,
-                  aid=build_aid(options, model, recipe, init))
+                  batch_size=batch_size, device=device, aid=build_aid(aid, model, recipe, init),
+                  added_lr_scale=added_lr_scale)
             report[f"{deep_dir.name.replace('-', '_')}_train_s"] = round(time.time() - t0)
             report_path.write_text(json.dumps(report, indent=1))
         previous = probe_from = deep_dir
@@ -791,7 +834,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         recipe = Recipe(heldout=2, batch_size=4, shallow_rounds=((1, 2e-3, {t: 8 for t in world.TASKS}),) * 2,
                         deep_rounds=((2, 3e-4, {t: 8 for t in world.TASKS}, SCENE_COUNTS),
-                                     (2, 2e-4, {**{t: 8 for t in world.TASKS}, "visual_qa": 10}, 2, SHAPE_ATTENTION)),
+                                     (2, 2e-4, {**{t: 8 for t in world.TASKS}, "visual_qa": 10}, 2, 4.0,
+                                      SHAPE_ATTENTION)),
                         shape_attention_heads=((1, 0), (5, 1)), scene_counts_layer=3,
                         warmup=2, layers=8, shallow_layers=2, image_size=args.image_size)
     out = Path(args.out)
