@@ -973,3 +973,64 @@ def test_target_diagnosis_finds_each_moves_destination_and_frame_pair():
         moves_seen += len(expected)
     assert moves_seen > 20
 
+
+
+def test_retext_study_trains_fresh_text_layers_on_the_frozen_tower_and_scores_counts_teacher_forced(tmp_path):
+    """retext_study.py keeps the start's vision tower (untouched), embeddings and LM head, trains fresh text
+    layers on count-heavy questions and then on every task, and exports a target; its count score reads the
+    words at the two positions that decide a count: a model that predicts every next token gets them all, and
+    one that says "three" for every "two" loses just the questions whose count is two."""
+    import types
+
+    from safetensors.torch import load_file
+
+    from vllm_flash import world
+    from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
+
+    study = _load(ROOT / "benchmarks" / "world" / "retext_study.py")
+    recipe_mod = sys.modules["train_target"]
+    home = tmp_path / "world"
+    init = build_tiny_qwen2_5_vl(home / "shallow-init", num_layers=2, hidden=64, lm_head_scale=1.0,
+                                 vocab_size=512, corpus=recipe_mod.world_corpus(200), image_size=world.IMAGE_SIZE)
+    (home / "data").mkdir()
+    (home / "data" / "train.jsonl").write_text("".join(
+        world.write_split(home / "data", task, "train", 3).read_text() for task in world.TASKS))
+    out = tmp_path / "study"
+    assert study.main(["--world", str(home), "--start", str(init), "--out", str(out), "--layers", "1",
+                       "--questions", "24", "--count-steps", "2", "--mix-steps", "2", "--mix-rows", "2",
+                       "--batch-size", "2", "--score-rows", "0"]) == 0
+    before, after = load_file(init / "model.safetensors"), load_file(out / "mix" / "model.safetensors")
+    assert {k for k in after if k.startswith("model.layers.")} == {k for k in before if k.startswith("model.layers.0.")}
+    assert all(torch.equal(after[k], before[k]) for k in before if "visual" in k)
+    assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith("model.layers.0."))
+    assert (out / "target" / "model.safetensors").exists()
+    report = json.loads((out / "report.json").read_text())
+    examples = [world.example("visual_qa", world.SPLIT_SEEDS["heldout"] + i) for i in range(40)]
+    asked = [ex for ex in examples if world.question_kind(ex["question"]) == "shape_count"]
+    assert report["after_mix"]["questions"] == report["before"]["questions"] == len(asked) > 0
+    assert report["count_rows"] == sum(
+        world.question_kind(world.example("visual_qa", world.SPLIT_SEEDS["train"] + i)["question"]) == "shape_count"
+        for i in range(24)) + 3
+
+    check = recipe_mod.encode_split(init, study.count_heavy_questions(tmp_path / "check", "heldout", 40, 0))
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(init)
+    two, three = (tokenizer.encode(f" {w}", add_special_tokens=False)[0] for w in ("two", "three"))
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, spoil: bool) -> None:
+            super().__init__()
+            self.spoil = spoil
+
+        def forward(self, input_ids, **_):
+            following = torch.roll(input_ids, -1, dims=1)
+            if self.spoil:
+                following = torch.where(following == two, three, following)
+            return types.SimpleNamespace(logits=torch.nn.functional.one_hot(following, 600).float())
+
+    twos = sum(ex["answer"].split()[2] == "two" for ex in asked)
+    assert 0 < twos < len(asked)
+    right = study.teacher_forced_counts(Oracle(False), check)
+    spoiled = study.teacher_forced_counts(Oracle(True), check)
+    assert right["count"] == right["is_are"] == spoiled["is_are"] == len(asked)
+    assert spoiled["count"] == len(asked) - twos
+    assert spoiled["count_two_or_more"] == right["count_two_or_more"] - twos

@@ -24,7 +24,6 @@ import copy
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -100,10 +99,7 @@ def assemble(parts_dir: Path, into: Path, start: Path) -> None:
     shipped = load_file(start / WEIGHTS)
     if set(tensors) != set(shipped):
         raise ValueError(f"{parts_dir} holds other weights than {start}: {sorted(set(tensors) ^ set(shipped))[:5]}")
-    into.mkdir(parents=True, exist_ok=True)
-    for f in start.iterdir():
-        if f.name != WEIGHTS:
-            shutil.copy(f, into / f.name)
+    train_target.copy_non_weights(start, into)
     save_file(tensors, into / WEIGHTS, metadata={"format": "pt"})
 
 

@@ -724,8 +724,16 @@ def export_bf16(src: Path, dst: Path, processor_dir: Path) -> None:
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=torch.bfloat16)
     model.save_pretrained(dst, safe_serialization=True)
-    for f in processor_dir.iterdir():
-        if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+    copy_non_weights(processor_dir, dst, keep_config=False)
+
+
+def copy_non_weights(src: Path, dst: Path, keep_config: bool = True) -> None:
+    """Every file of the target folder `src` but its weights (and their index), into `dst`: tokenizer,
+    processor, generation config and, with `keep_config`, the model config; never a training aid's weights."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json" \
+                and (keep_config or f.name != "config.json"):
             shutil.copy(f, dst / f.name)
 
 
