@@ -21,6 +21,7 @@ import importlib.util
 import json
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -499,22 +500,30 @@ def test_a_gpu_round_trains_as_many_steps_as_fit_its_deadline_and_reports_them(t
     before, after = load_file(start / "model.safetensors"), load_file(tmp_path / "target" / "model.safetensors")
     assert any(not torch.equal(after[k], before[k].to(after[k].dtype)) for k in before)
 
-    # the command: the rows written and encoded once, then one process per variant, each with its own round (an
-    # lr multiplier for the layers deepening added needs a start as deep as the recipe's)
+    # the command, run as on the GPU machine, in a fresh process (forked from the suite's, after its vLLM
+    # engines, both variants exited with an error and no traceback): the rows written and encoded once, then one
+    # process per variant, each with its own round (an lr multiplier for the layers deepening added needs a
+    # start as deep as the recipe's)
     deep = build_tiny_qwen2_5_vl(tmp_path / "deep", num_layers=recipe_mod.Recipe().layers, hidden=64,
                                  lm_head_scale=1.0, vocab_size=512, corpus=recipe_mod.world_corpus(200),
                                  image_size=world.IMAGE_SIZE)
-    monkeypatch.setattr(gpu_round, "step_seconds", lambda *a: 10.0)
-    assert gpu_round.main(["--start", str(deep), "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r"),
-                           "--rows", "2", "--workers", "1", "--device", "cpu", "--variant", "1e-3:2",
-                           "--variant", "2e-3:1:3", "--deadline", str(time.time() + gpu_round.EXPORT_S + 40)]) == 0
+
+    def command(start_dir: Path, results: Path, *variants: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "world" / "gpu_round.py"), "--start",
+                               str(start_dir), "--work", str(tmp_path / "w"), "--results", str(results), "--rows",
+                               "2", "--workers", "1", "--device", "cpu", "--deadline",
+                               str(time.time() + gpu_round.EXPORT_S + 15), *(a for v in variants
+                                                                             for a in ("--variant", v))],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    ran = command(deep, tmp_path / "r", "1e-3:2", "2e-3:1:3")
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
     rounds = {v: json.loads((tmp_path / "r" / v / "facts.json").read_text())["round"]
               for v in ("lr1e-3_b2", "lr2e-3_b1_x3")}
     assert {v: r[1:] for v, r in rounds.items()} == {"lr1e-3_b2": [1e-3, {t: 2 for t in world.TASKS}, 2],
                                                      "lr2e-3_b1_x3": [2e-3, {t: 2 for t in world.TASKS}, 1, 3.0]}
-    assert gpu_round.main(["--start", str(start), "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r1"),
-                           "--rows", "2", "--workers", "1", "--device", "cpu", "--variant", "2e-3:1:3",
-                           "--deadline", str(time.time() + gpu_round.EXPORT_S + 40)]) == 1  # too shallow: refused
+    refused = command(start, tmp_path / "r1", "2e-3:1:3")  # too shallow for a multiplier
+    assert refused.returncode == 1 and "needs the deepened model" in refused.stderr
 
     # --time-batches: per batch size, a step on fresh batches (12 collated) and on one batch ready on the device
     monkeypatch.setattr(gpu_round, "step_seconds", real_step_seconds)

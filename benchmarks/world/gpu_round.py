@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         children.append(child)
     for child in children:
         child.join()
-    failed = [child.name for child in children if child.exitcode]
+    failed = {child.name: child.exitcode for child in children if child.exitcode}  # < 0: killed by that signal
     if failed:
         print(json.dumps({"failed": failed}), flush=True)
     return 1 if failed else 0
