@@ -1005,9 +1005,13 @@ def test_retext_study_trains_fresh_text_layers_on_the_frozen_tower_and_scores_co
     (home / "data" / "train.jsonl").write_text("".join(
         world.write_split(home / "data", task, "train", 3).read_text() for task in world.TASKS))
     out = tmp_path / "study"
+    with pytest.raises(SystemExit):  # rows for two of the three tasks: refused before any work
+        study.main(["--world", str(home), "--out", str(out), "--mix-steps", "2", "--mix-rows", "2,2"])
+    assert not out.exists()
     assert study.main(["--world", str(home), "--start", str(init), "--out", str(out), "--layers", "1",
-                       "--questions", "24", "--count-steps", "2", "--mix-steps", "2", "--mix-rows", "2",
+                       "--questions", "24", "--count-steps", "2", "--mix-steps", "2", "--mix-rows", "2,3,2",
                        "--batch-size", "2", "--score-rows", "0"]) == 0
+    assert (home / "data" / "train-first-2-3-2.jsonl").read_text().count("\n") == 7  # all 3 questions
     before, after = load_file(init / "model.safetensors"), load_file(out / "mix" / "model.safetensors")
     assert {k for k in after if k.startswith("model.layers.")} == {k for k in before if k.startswith("model.layers.0.")}
     assert all(torch.equal(after[k], before[k]) for k in before if "visual" in k)

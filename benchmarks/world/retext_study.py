@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--score-rows", type=int, default=200, help="held-out rows per task to score step 2's target on")
     args = p.parse_args(argv)
+    counts = [int(n) for n in args.mix_rows.split(",")]
+    if len(counts) not in (1, len(toy_world.TASKS)):
+        p.error(f"--mix-rows {args.mix_rows}: give one number for every task, or one each for {toy_world.TASKS}")
+    per_task = dict(zip(toy_world.TASKS, counts * len(toy_world.TASKS) if len(counts) == 1 else counts))
     world, out = Path(args.world), Path(args.out)
     start = Path(args.start) if args.start else world / "deep-3"
     tokenizer_dir = world / "shallow-init"  # every stage's tokenizer and processor
@@ -135,8 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     report["after_count"] = teacher_forced_counts(model, check)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     if args.mix_steps:
-        counts = [int(n) for n in args.mix_rows.split(",")]
-        per_task = dict(zip(toy_world.TASKS, counts * 3 if len(counts) == 1 else counts))
         rows = train_target.first_rows(train_target.encode_split(tokenizer_dir, mix_rows(
             world / "data" / "train.jsonl", per_task)), per_task)
         train_target.train(model, rows, args.mix_steps, args.mix_lr, recipe, out / "train.log", "mix", out,
