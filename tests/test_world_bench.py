@@ -1,6 +1,7 @@
 """The toy world's shipped models and the benchmark built on them.
 
-- the target-training recipe's deepening step leaves the model's function unchanged;
+- the target-training recipe's deepening step leaves the model's function unchanged, and cutting a deepened
+  model to its trained layers gives the shallow model back;
 - its vision probe's labels line up with how the processor pairs video frames;
 - its padded training batches give every row the M-RoPE positions vLLM serves;
 - its training rounds carry the vision probe over from one round to the next, and each trains on the first
@@ -41,7 +42,7 @@ def _load(path: Path):
     return module
 
 
-def test_deepening_keeps_the_shallow_models_function(tmp_path):
+def test_deepening_keeps_the_shallow_models_function_and_cutting_undoes_it(tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vllm_flash.tiny_targets import build_tiny_qwen2_5_vl
@@ -65,6 +66,16 @@ def test_deepening_keeps_the_shallow_models_function(tmp_path):
     deep.train()
     deep(input_ids=ids, labels=ids).loss.backward()
     assert deep.model.language_model.layers[1].self_attn.o_proj.weight.grad.abs().sum() > 0
+    # cutting the deep model to its trained layers gives the shallow one back, weight for weight, whatever the
+    # added layers have learnt since
+    with torch.no_grad():
+        for layer in (1, 4):
+            deep.model.language_model.layers[layer].mlp.down_proj.weight.add_(1.0)
+    deep.save_pretrained(tmp_path / "deep")
+    cut = recipe_mod.cut_to_trained(tmp_path / "deep", recipe)
+    assert cut.config.text_config.num_hidden_layers == 2 == len(cut.config.text_config.layer_types)
+    before, after = model.state_dict(), cut.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_vision_probe_labels_follow_the_processors_frame_pairs():
@@ -106,6 +117,7 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
     refused before any training) and exports a bf16 target that vLLM serves
     and scores. Run again, it trains and encodes nothing; with the deep stages removed, it trains only those."""
     from safetensors import safe_open
+    from safetensors.torch import load_file
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vllm_flash import world
@@ -135,13 +147,23 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
     for name in ("ShapeAttention", "SceneCounts"):
         monkeypatch.setattr(recipe_mod, name, lambda model, *a, real=getattr(recipe_mod, name), name=name: aided.append(
             (name, len(model.model.language_model.layers))) or real(model, *a))
+    recount_rows = []  # the row ids each recount round trains on
+    real_train = recipe_mod.train
+    monkeypatch.setattr(recipe_mod, "train", lambda model, samples, *a, **k: (recount_rows.append(
+        [s.row_id for s in samples]) if a[4].startswith("recount") else None) or real_train(model, samples, *a, **k))
     assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
     assert aided == [("SceneCounts", 8), ("ShapeAttention", 8)]  # the quick recipe's two rounds name one each
-    assert scales == [1.0, 1.0, 1.0, 4.0]  # two shallow rounds, then the deep ones: the second names 4.0
+    # two shallow rounds, the deep ones (the second names 4.0), two recount rounds and a redeep one
+    assert scales == [1.0, 1.0, 1.0, 4.0, 1.0, 1.0, 1.0]
     for options in ((2, "shape_atention"), (recipe_mod.SCENE_COUNTS, recipe_mod.SHAPE_ATTENTION), (2, 4),
                     (2.0, 3.0), (-1.0,)):
         typo = recipe_mod.Recipe(deep_rounds=((1, 1e-3, {}, 2), (1, 1e-3, {}, *options)))
         with pytest.raises(ValueError, match="deep round 2 names"):
+            recipe_mod.train_stages(out, typo, out / "data", out / "shallow-init", {}, tmp_path / "r.json",
+                                    tmp_path / "l")
+    for kind, typo in (("recount", recipe_mod.Recipe(recount_rounds=((1, 1e-3, {}, "count_hevy"),))),
+                       ("redeep", recipe_mod.Recipe(redeep_rounds=((1, 1e-3, {}, 2, 3),)))):
+        with pytest.raises(ValueError, match=f"{kind} round 1 names"):
             recipe_mod.train_stages(out, typo, out / "data", out / "shallow-init", {}, tmp_path / "r.json",
                                     tmp_path / "l")
     log = out / "train_target.log"
@@ -150,7 +172,23 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
         return [json.loads(line)["stage"] for line in log.read_text().splitlines()]
 
     first_run = stages()
-    assert set(first_run) == {"shallow-1", "shallow-2", "deep", "deep-2"}
+    assert sorted(set(first_run), key=first_run.index) == [
+        "shallow-1", "shallow-2", "deep", "deep-2", "recount-1", "recount-2", "redeep"]
+    # the recount rounds train the last deep round's trained layers (the quick recipe's 0 and 4 of 8) on its
+    # vision tower, untouched; their first round on every shape question among its rows and an eighth as many others
+    # (saved under the checkpoint's names: "model.layers.", "visual.")
+    deep_2, recounted = (load_file(out / stage / "model.safetensors") for stage in ("deep-2", "recount-2"))
+    text = {k for k in recounted if k.startswith("model.layers.")}
+    assert text and text == {k.replace("layers.4.", "layers.1.") for k in deep_2
+                             if k.startswith(("model.layers.0.", "model.layers.4."))}
+    tower = [k for k in deep_2 if k.startswith("visual.")]
+    assert tower and all(torch.equal(recounted[k], deep_2[k]) for k in tower)
+    assert not torch.equal(recounted["model.layers.1.mlp.down_proj.weight"], deep_2["model.layers.4.mlp.down_proj.weight"])
+    asked = [i for i in range(24) if world.question_kind(
+        world.example("visual_qa", world.SPLIT_SEEDS["train"] + i)["question"]) == "shape_count"]
+    assert 0 < len(asked) < 21
+    assert recount_rows[0] == [f"visual_qa-train-{i}" for i in asked + [i for i in range(24) if i not in asked][:3]]
+    assert {row.split("-")[0] for row in recount_rows[1]} == set(world.TASKS)
     accuracy = json.loads((out / "target_report.json").read_text())["heldout_exact_match"]
     assert set(accuracy) == set(world.TASKS)
     assert all(0 <= a[k] <= 1 for a in accuracy.values() for k in ("exact_match", "word_accuracy"))
@@ -172,20 +210,21 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
     monkeypatch.setattr(recipe_mod, "encode_split", lambda *a: encodings.append(a) or real_encode(*a))
     assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
     assert stages() == first_run and not encodings
-    for stage in ("deep", "deep-2", "target"):
+    after_deep = ("deep", "deep-2", "recount-1", "recount-2", "redeep-init", "redeep", "target")
+    for stage in after_deep:
         shutil.rmtree(out / stage)
     assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
-    deep_logged = [s for s in first_run if s.startswith("deep")]
+    deep_logged = [s for s in first_run if not s.startswith("shallow")]
     assert stages()[len(first_run):] == deep_logged and len(encodings) == 1
     assert json.loads((out / "target_report.json").read_text())["heldout_exact_match"] == {
         "scored": str(out / "target")}
     # a later stage trains from the checkpoint before it alone (the shallow stages gone, no vision probe left)
-    for stage in ("shallow", "shallow-2", "deep-init", "deep-2", "target"):
+    for stage in ("shallow", "shallow-2", "deep-init", *after_deep[1:]):
         shutil.rmtree(out / stage)
     (out / "deep" / recipe_mod.PROBE_FILE).unlink()
     before = len(stages())
     assert recipe_mod.main(["--quick", "--out", str(out)]) == 0
-    assert set(stages()[before:]) == {"deep-2"} and len(encodings) == 2
+    assert set(stages()[before:]) == {"deep-2", "recount-1", "recount-2", "redeep"} and len(encodings) == 2
     assert (out / "target" / "model.safetensors").exists() and not (out / "deep-2" / recipe_mod.PROBE_FILE).exists()
     # on a machine without vLLM (a lent GPU's) it trains, then says where to score the target instead of failing
     monkeypatch.setattr(recipe_mod, "heldout_accuracy", lambda *a: pytest.fail("scored without vLLM"))

@@ -35,11 +35,8 @@ def fresh_text_model(start: Path, layers: int):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     trained = Qwen2_5_VLForConditionalGeneration.from_pretrained(start, dtype=torch.float32).state_dict()
-    config = Qwen2_5_VLConfig.from_pretrained(start)
-    config.text_config.num_hidden_layers = layers
-    if getattr(config.text_config, "layer_types", None):
-        config.text_config.layer_types = config.text_config.layer_types[:layers]
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    model = Qwen2_5_VLForConditionalGeneration(
+        train_target.with_text_layers(Qwen2_5_VLConfig.from_pretrained(start), layers)).to(torch.float32)
     state = model.state_dict()
     state.update({k: trained[k] for k in state if not k.startswith(train_target.TEXT_LAYERS)})
     model.load_state_dict(state)

@@ -8,7 +8,11 @@ Why this recipe: a 1-layer draft costs about what a 7B LMM's draft costs (c ~ 0.
   3. fine-tune the whole deep model, so the new layers carry real weights and the depth is put to use
      (`Recipe.deep_rounds`: three times, the second on twice the distinct questions, the third on more rows
      of every task);
-  4. export in bf16 (what ships) and measure held-out accuracy with those exact weights.
+  4. cut the deep model back to its trained layers and train those alone on its frozen vision tower, first on
+     count-heavy questions, then on all three tasks (`Recipe.recount_rounds`): the depth had added little, and
+     the trained layers had never learned to count one shape's objects;
+  5. deepen again and fine-tune (`Recipe.redeep_rounds`);
+  6. export in bf16 (what ships) and measure held-out accuracy with those exact weights.
 
     .venv/bin/python benchmarks/world/train_target.py --out build/world   # ~7 h on 2 cores
 
@@ -45,6 +49,8 @@ SHAPE_ATTENTION = "shape_attention"  # `ShapeAttention`
 SCENE_COUNTS = "scene_counts"  # `SceneCounts`
 COUNT_WORDS = "count_words"  # `CountWords`
 AIDS = (SHAPE_ATTENTION, SCENE_COUNTS, COUNT_WORDS)
+# a recount round that names it trains on `count_heavy` rows
+COUNT_HEAVY = "count_heavy"
 
 
 @dataclass
@@ -126,6 +132,12 @@ class Recipe:
     deep_rounds: tuple = ((150, 3e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 16000}),
                           (1200, 2e-4, {"image_caption": 8000, "visual_qa": 20000, "video_caption": 12000}),
                           (1200, 2e-4, {"image_caption": 16000, "visual_qa": 32000, "video_caption": 24000}))
+    # (steps, peak lr, training rows per task[, COUNT_HEAVY]) per round on the last deep round's trained layers
+    # alone (`cut_to_trained`: a shallow model again), its vision tower frozen. RECOUNT_WHY
+    recount_rounds: tuple = ((1500, 1e-3, {"visual_qa": 24000}, COUNT_HEAVY),
+                              (2500, 3e-4, {"image_caption": 8000, "visual_qa": 8000, "video_caption": 10000}))
+    # then deepened again, and fine-tuned as `deep_rounds` (the same options)
+    redeep_rounds: tuple = ((150, 3e-4, {"image_caption": 8000, "visual_qa": 8000, "video_caption": 10000}),)
     # the heads (layer, head) that `ShapeAttention` teaches, in a round that names it: in the third fine-tune's
     # weights, the heads of three layers whose attention leaned most towards the asked shape's cells
     shape_attention_heads: tuple = ((6, 4), (12, 7), (18, 3))
@@ -153,7 +165,8 @@ def parse_row_id(row_id: str) -> tuple[str, str, int]:
 
 def train_rows(recipe: Recipe) -> dict:
     """Rows per task that some round trains on."""
-    rounds = [round_[2] for round_ in (*recipe.shallow_rounds, *recipe.deep_rounds)]
+    rounds = [round_[2] for round_ in (*recipe.shallow_rounds, *recipe.deep_rounds, *recipe.recount_rounds,
+                                       *recipe.redeep_rounds)]
     return {task: max(rows.get(task, 0) for rows in rounds) for task in world.TASKS}
 
 
@@ -649,12 +662,9 @@ def deepen(shallow_dir: Path, out_dir: Path, recipe: Recipe) -> None:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     shallow = Qwen2_5_VLForConditionalGeneration.from_pretrained(shallow_dir, dtype=torch.float32)
-    config = Qwen2_5_VLConfig.from_pretrained(shallow_dir)
-    config.text_config.num_hidden_layers = recipe.layers
-    if hasattr(config.text_config, "layer_types") and config.text_config.layer_types:
-        config.text_config.layer_types = [config.text_config.layer_types[0]] * recipe.layers
     torch.manual_seed(recipe.seed + 1)
-    deep = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    deep = Qwen2_5_VLForConditionalGeneration(
+        with_text_layers(Qwen2_5_VLConfig.from_pretrained(shallow_dir), recipe.layers)).to(torch.float32)
     state = deep.state_dict()
     old = shallow.state_dict()
     every = recipe.layers // recipe.shallow_layers
@@ -671,6 +681,44 @@ def deepen(shallow_dir: Path, out_dir: Path, recipe: Recipe) -> None:
             state[name] = torch.zeros_like(state[name])
     deep.load_state_dict(state)
     deep.save_pretrained(out_dir, safe_serialization=True)
+
+
+def with_text_layers(config, layers: int):
+    """`config` (a Qwen2.5-VL config) with `layers` text layers, every one of the first one's type."""
+    config.text_config.num_hidden_layers = layers
+    if getattr(config.text_config, "layer_types", None):
+        config.text_config.layer_types = [config.text_config.layer_types[0]] * layers
+    return config
+
+
+def cut_to_trained(deep_dir: Path, recipe: Recipe):
+    """The shallow model inside a deepened one: its trained layers alone (those `deepen` did not add), in order,
+    and everything else its own. Of a model just deepened, it is the shallow model it was deepened from."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    deep = Qwen2_5_VLForConditionalGeneration.from_pretrained(deep_dir, dtype=torch.float32).state_dict()
+    model = Qwen2_5_VLForConditionalGeneration(
+        with_text_layers(Qwen2_5_VLConfig.from_pretrained(deep_dir), recipe.shallow_layers)).to(torch.float32)
+    trained = sorted(set(range(recipe.layers)) - added_layers(recipe))
+    state = model.state_dict()
+    for name in state:
+        if name.startswith(TEXT_LAYERS):
+            index, rest = name[len(TEXT_LAYERS):].split(".", 1)
+            name_in_deep = f"{TEXT_LAYERS}{trained[int(index)]}.{rest}"
+        else:
+            name_in_deep = name
+        state[name] = deep[name_in_deep]
+    model.load_state_dict(state)
+    return model
+
+
+def count_heavy(samples: list) -> list:
+    """Every shape question ("How many triangles are there?") among `samples` (in order), then the first eighth
+    as many of the rest: a round that must teach counting one shape's objects, which are a quarter of the
+    questions and a ninth of the last deep round's rows."""
+    asked = [bool(shape_question(s.row_id)) for s in samples]
+    others = [s for s, a in zip(samples, asked) if not a]
+    return [s for s, a in zip(samples, asked) if a] + others[:len(samples) // 8]
 
 
 def heldout_accuracy(target: Path, per_task: int, image_size: int, max_tokens: int = 160,
@@ -737,7 +785,7 @@ def copy_non_weights(src: Path, dst: Path, keep_config: bool = True) -> None:
             shutil.copy(f, dst / f.name)
 
 
-def round_options(options: tuple, number: int) -> tuple[int | None, float, str | None]:
+def round_options(options: tuple, number: int, kind: str = "deep") -> tuple[int | None, float, str | None]:
     """A deep round's options: its batch size (an int), the lr multiplier of the layers that deepening added (a
     float) and its training aid (one of AIDS), each at most once; None, 1.0 and None where it names none."""
     ints = [o for o in options if isinstance(o, int) and not isinstance(o, bool)]
@@ -745,7 +793,7 @@ def round_options(options: tuple, number: int) -> tuple[int | None, float, str |
     aids = [o for o in options if o in AIDS]
     if len(ints) + len(floats) + len(aids) != len(options) or max(len(ints), len(floats), len(aids)) > 1 \
             or any(o <= 0 for o in ints + floats):
-        raise ValueError(f"deep round {number} names {options}: a round may name a batch size (an int), an lr "
+        raise ValueError(f"{kind} round {number} names {options}: a round may name a batch size (an int), an lr "
                          f"multiplier for the added layers (a float) and one training aid of {AIDS}, each once")
     return (ints or [None])[0], (floats or [1.0])[0], (aids or [None])[0]
 
@@ -765,13 +813,23 @@ def build_aid(aid: str | None, model, recipe: Recipe, init: Path):
     return None
 
 
+def recount_options(options: tuple, number: int, kind: str = "recount") -> bool:
+    """Whether a recount round trains on `count_heavy` rows, the one option it may name."""
+    if options not in ((), (COUNT_HEAVY,)):
+        raise ValueError(f"{kind} round {number} names {options}: a recount round may name {COUNT_HEAVY!r} alone")
+    return bool(options)
+
+
 def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict, report_path: Path,
                  log: Path, device: str = "cpu", workers: int = 1) -> Path:
     """Every stage up to the exported target that is not there yet, each resuming from the one before."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    for number, (_, _, _, *options) in enumerate(recipe.deep_rounds, 1):  # a typo found now, not hours in
-        round_options(options, number)
+    for name, rounds, check in (("deep", recipe.deep_rounds, round_options),
+                                ("recount", recipe.recount_rounds, recount_options),
+                                ("redeep", recipe.redeep_rounds, round_options)):
+        for number, (_, _, _, *options) in enumerate(rounds, 1):  # a typo found now, not hours in
+            check(tuple(options), number, name)
     encoded: list = []  # the encoded training rows
 
     def rows_of(rows: dict) -> list:
@@ -781,12 +839,37 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
             report["train_examples"] = len(encoded)
         return first_rows(encoded, rows)
 
-    shallow_dirs = [out / ("shallow" if i == 0 else f"shallow-{i + 1}") for i in range(len(recipe.shallow_rounds))]
-    deep_dirs = [out / ("deep" if i == 0 else f"deep-{i + 1}") for i in range(len(recipe.deep_rounds))]
+    def named(stem: str, count: int, first: str | None = None) -> list[Path]:
+        return [out / (first or stem if i == 0 else f"{stem}-{i + 1}") for i in range(count)]
+
+    shallow_dirs = named("shallow", len(recipe.shallow_rounds))
+    deep_dirs = named("deep", len(recipe.deep_rounds))
+    recount_dirs = named("recount", len(recipe.recount_rounds), "recount-1")
+    redeep_dirs = named("redeep", len(recipe.redeep_rounds))
     stages = [*shallow_dirs, out / "deep-init", *deep_dirs]
+    if recipe.recount_rounds:
+        stages += [*recount_dirs, out / "redeep-init", *redeep_dirs]
     # a later stage's checkpoint stands for every stage before it (those may have been deleted)
     done = [i for i, d in enumerate(stages) if (d / "config.json").exists()]
     skip = set(stages[:done[-1] + 1]) if done else set()
+
+    def finish_round(stage: Path, t0: float) -> None:
+        report[f"{stage.name.replace('-', '_')}_train_s"] = round(time.time() - t0)
+        report_path.write_text(json.dumps(report, indent=1))
+
+    def fine_tune(rounds: tuple, dirs: list[Path], previous: Path, probe_from: Path) -> Path:
+        """Deep rounds from `previous`, each the whole model; the vision probe (if any) from `probe_from`."""
+        for number, ((steps, lr, rows, *options), stage) in enumerate(zip(rounds, dirs), 1):
+            if stage not in skip:
+                model = Qwen2_5_VLForConditionalGeneration.from_pretrained(previous, dtype=torch.float32)
+                t0 = time.time()
+                batch_size, added_lr_scale, aid = round_options(tuple(options), number, stage.name.split("-")[0])
+                train(model, rows_of(rows), steps, lr, recipe, log, stage.name, probe_from, stage,
+                      batch_size=batch_size, device=device, aid=build_aid(aid, model, recipe, init),
+                      added_lr_scale=added_lr_scale)
+                finish_round(stage, t0)
+            previous = probe_from = stage
+        return previous
 
     previous = init
     for round_index, ((epochs, lr, rows), shallow_dir) in enumerate(zip(recipe.shallow_rounds, shallow_dirs)):
@@ -797,25 +880,30 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
             t0 = time.time()
             train(model, round_set, steps, lr, recipe, log, f"shallow-{round_index + 1}", previous, shallow_dir,
                   fresh_probe=round_index == 0, device=device)
-            report[f"shallow_{round_index + 1}_train_s"] = round(time.time() - t0)
-            report_path.write_text(json.dumps(report, indent=1))
+            finish_round(out / f"shallow-{round_index + 1}", t0)
         previous = shallow_dir
     deep_init = out / "deep-init"
     if deep_init not in skip:
         deepen(previous, deep_init, recipe)
-    probe_from = previous  # deepening leaves the vision tower, so the shallow model's probe still fits it
-    previous = deep_init
-    for round_index, ((steps, lr, rows, *options), deep_dir) in enumerate(zip(recipe.deep_rounds, deep_dirs)):
-        if deep_dir not in skip:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(previous, dtype=torch.float32)
+    # deepening leaves the vision tower, so the shallow model's probe still fits it
+    previous = fine_tune(recipe.deep_rounds, deep_dirs, deep_init, previous)
+    for number, ((steps, lr, rows, *options), stage) in enumerate(zip(recipe.recount_rounds, recount_dirs), 1):
+        if stage not in skip:
+            model = cut_to_trained(previous, recipe) if number == 1 else \
+                Qwen2_5_VLForConditionalGeneration.from_pretrained(previous, dtype=torch.float32)
+            for p in model.model.visual.parameters():  # the tower already sees; only the text layers learn
+                p.requires_grad = False
+            round_set = count_heavy(rows_of(rows)) if recount_options(tuple(options), number) else rows_of(rows)
             t0 = time.time()
-            batch_size, added_lr_scale, aid = round_options(options, round_index + 1)
-            train(model, rows_of(rows), steps, lr, recipe, log, deep_dir.name, probe_from, deep_dir,
-                  batch_size=batch_size, device=device, aid=build_aid(aid, model, recipe, init),
-                  added_lr_scale=added_lr_scale)
-            report[f"{deep_dir.name.replace('-', '_')}_train_s"] = round(time.time() - t0)
-            report_path.write_text(json.dumps(report, indent=1))
-        previous = probe_from = deep_dir
+            # no vision probe: the stage's own folder holds none, and the tower is frozen
+            train(model, round_set, steps, lr, recipe, log, stage.name, stage, stage, device=device)
+            finish_round(stage, t0)
+        previous = stage
+    if recipe.recount_rounds:
+        redeep_init = out / "redeep-init"
+        if redeep_init not in skip:
+            deepen(previous, redeep_init, recipe)
+        previous = fine_tune(recipe.redeep_rounds, redeep_dirs, redeep_init, redeep_init)
     target = out / "target"
     if not (target / "model.safetensors").exists():
         export_bf16(previous, target, init)
@@ -844,6 +932,8 @@ def main(argv: list[str] | None = None) -> int:
                         deep_rounds=((2, 3e-4, {t: 8 for t in world.TASKS}, SCENE_COUNTS),
                                      (2, 2e-4, {**{t: 8 for t in world.TASKS}, "visual_qa": 10}, 2, 4.0,
                                       SHAPE_ATTENTION)),
+                        recount_rounds=((2, 1e-3, {"visual_qa": 24}, COUNT_HEAVY), (2, 5e-4, {t: 8 for t in world.TASKS})),
+                        redeep_rounds=((2, 2e-4, {t: 8 for t in world.TASKS}),),
                         shape_attention_heads=((1, 0), (5, 1)), scene_counts_layer=3,
                         warmup=2, layers=8, shallow_layers=2, image_size=args.image_size)
     out = Path(args.out)
