@@ -114,7 +114,10 @@ def test_shipped_assets_are_small_bf16_safetensors():
 def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(tmp_path, monkeypatch, capsys):
     """`train_target.py --quick` trains, deepens, fine-tunes (each round that names a training aid with that aid,
     and one that names an lr multiplier for the added layers with it; an unknown option, or two of a kind, is
-    refused before any training) and exports a bf16 target that vLLM serves
+    refused before any training), cuts the last deep round to its trained layers and trains those on its
+    frozen vision tower (the first recount round on every shape question and an eighth as many others), deepens
+    that again and fine-tunes it (redeep rounds without recount rounds are refused), and exports a bf16 target
+    that vLLM serves
     and scores. Run again, it trains and encodes nothing; with the deep stages removed, it trains only those."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -162,8 +165,10 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
             recipe_mod.train_stages(out, typo, out / "data", out / "shallow-init", {}, tmp_path / "r.json",
                                     tmp_path / "l")
     for kind, typo in (("recount", recipe_mod.Recipe(recount_rounds=((1, 1e-3, {}, "count_hevy"),))),
-                       ("redeep", recipe_mod.Recipe(redeep_rounds=((1, 1e-3, {}, 2, 3),)))):
-        with pytest.raises(ValueError, match=f"{kind} round 1 names"):
+                       ("redeep", recipe_mod.Recipe(recount_rounds=((1, 1e-3, {}),),
+                                                    redeep_rounds=((1, 1e-3, {}, 2, 3),))),
+                       ("name recount rounds too", recipe_mod.Recipe(redeep_rounds=((1, 1e-3, {}),)))):
+        with pytest.raises(ValueError, match=kind if " " in kind else f"{kind} round 1 names"):
             recipe_mod.train_stages(out, typo, out / "data", out / "shallow-init", {}, tmp_path / "r.json",
                                     tmp_path / "l")
     log = out / "train_target.log"
