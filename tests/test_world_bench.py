@@ -188,7 +188,8 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
                              if k.startswith(("model.layers.0.", "model.layers.4."))}
     tower = [k for k in deep_2 if k.startswith("visual.")]
     assert tower and all(torch.equal(recounted[k], deep_2[k]) for k in tower)
-    assert not torch.equal(recounted["model.layers.1.mlp.down_proj.weight"], deep_2["model.layers.4.mlp.down_proj.weight"])
+    assert not torch.equal(recounted["model.layers.1.mlp.down_proj.weight"],
+                           deep_2["model.layers.4.mlp.down_proj.weight"])
     asked = [i for i in range(24) if world.question_kind(
         world.example("visual_qa", world.SPLIT_SEEDS["train"] + i)["question"]) == "shape_count"]
     assert 0 < len(asked) < 21

@@ -724,8 +724,8 @@ def cut_to_trained(deep_dir: Path, recipe: Recipe):
 
 
 def count_heavy(samples: list) -> list:
-    """Every shape question ("How many triangles are there?") among `samples` (in order), then the first eighth
-    as many of the rest: a round that must teach counting one shape's objects, which are a quarter of the
+    """Every shape question ("How many triangles are there?") among `samples` (in order), then the first of the
+    rest, an eighth as many as `samples`: a round that must teach counting one shape's objects, which are a quarter of the
     questions and a ninth of the last deep round's rows."""
     asked = [bool(shape_question(s.row_id)) for s in samples]
     others = [s for s, a in zip(samples, asked) if not a]
@@ -945,7 +945,8 @@ def main(argv: list[str] | None = None) -> int:
                         deep_rounds=((2, 3e-4, {t: 8 for t in world.TASKS}, SCENE_COUNTS),
                                      (2, 2e-4, {**{t: 8 for t in world.TASKS}, "visual_qa": 10}, 2, 4.0,
                                       SHAPE_ATTENTION)),
-                        recount_rounds=((2, 1e-3, {"visual_qa": 24}, COUNT_HEAVY), (2, 5e-4, {t: 8 for t in world.TASKS})),
+                        recount_rounds=((2, 1e-3, {"visual_qa": 24}, COUNT_HEAVY),
+                                        (2, 5e-4, {t: 8 for t in world.TASKS})),
                         redeep_rounds=((2, 2e-4, {t: 8 for t in world.TASKS}),),
                         shape_attention_heads=((1, 0), (5, 1)), scene_counts_layer=3,
                         warmup=2, layers=8, shallow_layers=2, image_size=args.image_size)
