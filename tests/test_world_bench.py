@@ -195,6 +195,9 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
     assert 0 < len(asked) < 21
     assert recount_rows[0] == [f"visual_qa-train-{i}" for i in asked + [i for i in range(24) if i not in asked][:3]]
     assert {row.split("-")[0] for row in recount_rows[1]} == set(world.TASKS)
+    # the redeep rounds start from the recount rounds' model, deepened: its layers at 0 and 4 of 8
+    redeep_init = load_file(out / "redeep-init" / "model.safetensors")
+    assert all(torch.equal(redeep_init[k.replace("layers.1.", "layers.4.")], recounted[k]) for k in text)
     accuracy = json.loads((out / "target_report.json").read_text())["heldout_exact_match"]
     assert set(accuracy) == set(world.TASKS)
     assert all(0 <= a[k] <= 1 for a in accuracy.values() for k in ("exact_match", "word_accuracy"))
