@@ -49,9 +49,8 @@ def count_heavy_questions(folder: Path, split: str, questions: int, others: int)
     """The shape questions among the first `questions` generated questions of `split`, and the first `others` of
     the rest, as a data file beside their images."""
     written = toy_world.write_split(folder / split, "visual_qa", split, questions)
-    lines = written.read_text().splitlines()
-    asks = [bool(train_target.shape_question(json.loads(line)["id"])) for line in lines]
-    chosen = [line for line, a in zip(lines, asks) if a] + [line for line, a in zip(lines, asks) if not a][:others]
+    chosen = train_target.shape_questions_first(written.read_text().splitlines(),
+                                                lambda line: json.loads(line)["id"], others)
     path = written.with_name(f"{split}-count-heavy.jsonl")
     path.write_text("\n".join(chosen) + "\n")
     return path

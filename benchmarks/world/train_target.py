@@ -727,9 +727,14 @@ def count_heavy(samples: list) -> list:
     """Every shape question ("How many triangles are there?") among `samples` (in order), then the first of the
     rest, an eighth as many as `samples`: a round that must teach counting one shape's objects, which are a quarter of the
     questions and a ninth of the last deep round's rows."""
-    asked = [bool(shape_question(s.row_id)) for s in samples]
-    others = [s for s, a in zip(samples, asked) if not a]
-    return [s for s, a in zip(samples, asked) if a] + others[:len(samples) // 8]
+    return shape_questions_first(samples, lambda s: s.row_id, len(samples) // 8)
+
+
+def shape_questions_first(items: list, row_id_of, others: int) -> list:
+    """The items (samples, or a data file's lines) that ask a shape question, in order, then the first `others`
+    of the rest."""
+    asked = [bool(shape_question(row_id_of(item))) for item in items]
+    return [x for x, a in zip(items, asked) if a] + [x for x, a in zip(items, asked) if not a][:others]
 
 
 def heldout_accuracy(target: Path, per_task: int, image_size: int, max_tokens: int = 160,
