@@ -112,13 +112,12 @@ def test_shipped_assets_are_small_bf16_safetensors():
 
 
 def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(tmp_path, monkeypatch, capsys):
-    """`train_target.py --quick` trains, deepens, fine-tunes (each round that names a training aid with that aid,
-    and one that names an lr multiplier for the added layers with it; an unknown option, or two of a kind, is
-    refused before any training), cuts the last deep round to its trained layers and trains those on its
-    frozen vision tower (the first recount round on every shape question and an eighth as many others), deepens
-    that again and fine-tunes it (redeep rounds without recount rounds are refused), and exports a bf16 target
-    that vLLM serves
-    and scores. Run again, it trains and encodes nothing; with the deep stages removed, it trains only those."""
+    """`train_target.py --quick` trains, deepens, fine-tunes (each round that names a training aid with that aid, and
+    one that names an lr multiplier for the added layers with it; an unknown option, or two of a kind, is refused before
+    any training), cuts the last deep round to its trained layers and trains those on its frozen vision tower (the first
+    recount round on every shape question and an eighth as many others, the second on its own rows and those), deepens
+    that again and fine-tunes it (redeep rounds without recount rounds are refused), and exports a bf16 target that vLLM
+    serves and scores. Run again, it trains and encodes nothing; with the deep stages removed, it trains only those."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -165,6 +164,7 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
             recipe_mod.train_stages(out, typo, out / "data", out / "shallow-init", {}, tmp_path / "r.json",
                                     tmp_path / "l")
     for kind, typo in (("recount", recipe_mod.Recipe(recount_rounds=((1, 1e-3, {}, "count_hevy"),))),
+                       ("recount", recipe_mod.Recipe(recount_rounds=((1, 1e-3, {}, recipe_mod.KEEP_COUNT_HEAVY),))),
                        ("redeep", recipe_mod.Recipe(recount_rounds=((1, 1e-3, {}),),
                                                     redeep_rounds=((1, 1e-3, {}, 2, 3),))),
                        ("name recount rounds too", recipe_mod.Recipe(redeep_rounds=((1, 1e-3, {}),)))):
@@ -194,7 +194,9 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
         world.example("visual_qa", world.SPLIT_SEEDS["train"] + i)["question"]) == "shape_count"]
     assert 0 < len(asked) < 21
     assert recount_rows[0] == [f"visual_qa-train-{i}" for i in asked + [i for i in range(24) if i not in asked][:3]]
-    assert {row.split("-")[0] for row in recount_rows[1]} == set(world.TASKS)
+    # the second keeps the first's rows beside its own image captions and clips
+    assert recount_rows[1] == [f"{task}-train-{i}" for task in ("image_caption", "video_caption")
+                               for i in range(8)] + recount_rows[0]
     # the redeep rounds start from the recount rounds' model, deepened: its layers at 0 and 4 of 8
     redeep_init = load_file(out / "redeep-init" / "model.safetensors")
     assert all(torch.equal(redeep_init[k.replace("layers.1.", "layers.4.")], recounted[k]) for k in text)

@@ -50,6 +50,9 @@ COUNT_WORDS = "count_words"  # `CountWords`
 AIDS = (SHAPE_ATTENTION, SCENE_COUNTS, COUNT_WORDS)
 # a recount round that names it trains on `count_heavy` rows
 COUNT_HEAVY = "count_heavy"
+# a later recount round that names it trains on its rows and on the count-heavy round's, so that learning
+# captions and clips does not wash the counts out
+KEEP_COUNT_HEAVY = "keep_count_heavy"
 
 
 @dataclass
@@ -131,20 +134,20 @@ class Recipe:
     deep_rounds: tuple = ((150, 3e-4, {"image_caption": 10000, "visual_qa": 10000, "video_caption": 16000}),
                           (1200, 2e-4, {"image_caption": 8000, "visual_qa": 20000, "video_caption": 12000}),
                           (1200, 2e-4, {"image_caption": 16000, "visual_qa": 32000, "video_caption": 24000}))
-    # (steps, peak lr, training rows per task[, COUNT_HEAVY]) per round on the last deep round's trained layers
-    # alone (`cut_to_trained`: a shallow model again), its vision tower frozen; none in the shipped recipe. Tried
-    # because after the three deep rounds the target still could not count one shape's objects ("How many
-    # triangles are there?": 19 of 47 held out right, and it never said "four"), the added layers had barely
+    # (steps, peak lr, training rows per task[, COUNT_HEAVY or KEEP_COUNT_HEAVY]) per round on the last deep round's
+    # trained layers alone (`cut_to_trained`: a shallow model again), its vision tower frozen; none in the shipped
+    # recipe. Tried because after the three deep rounds the target still could not count one shape's objects ("How
+    # many triangles are there?": 19 of 47 held out right, and it never said "four"), the added layers had barely
     # grown, and no aid or fine-tune of the deep model moved it; four fresh text layers on the same frozen tower
-    # learned the counts (`retext_study.py`: 197 of 206 teacher-forced) but would need hours to relearn captions
-    # and clips. The trained layers keep those and learn the counts less far. Tried, not kept: 1500 steps at
-    # 1e-3 on `count_heavy` rows of the first 24000 questions (5909 shape questions, 3000 others) took them
-    # from 102 to 173 of 206 teacher-forced (the same at 2e-4 reached 170: the start, not the lr, limits them);
-    # 2500 steps at 3e-4 on 8000 image captions, 8000 questions and 10000 clips then gave, as a 4-layer target,
-    # image captions 77.5%, answers 86.5% (shape questions 31 of 47) and clips 64.5% exactly right of 200 held
-    # out (counts 153 of 206 teacher-forced); deepened again and fine-tuned 150 steps at 3e-4 on the same rows
-    # (`redeep_rounds`), 78%, 87% (29 of 47) and 59%: the answers well ahead of the shipped target's (82.5%,
-    # 19 of 47), the clips and captions behind (66.5%, 82%), 224 summed against its 231.
+    # learned the counts (`retext_study.py`: 197 of 206 teacher-forced) but would need hours to relearn captions and
+    # clips. The trained layers keep those and learn the counts less far. Tried, not kept: 1500 steps at 1e-3 on
+    # `count_heavy` rows of the first 24000 questions (5909 shape questions, 3000 others) took them from 102 to 173 of
+    # 206 teacher-forced (the same at 2e-4 reached 170: the start, not the lr, limits them); 2500 steps at 3e-4 on
+    # 8000 image captions, 8000 questions and 10000 clips then gave, as a 4-layer target, image captions 77.5%,
+    # answers 86.5% (shape questions 31 of 47) and clips 64.5% exactly right of 200 held out (counts 153 of 206
+    # teacher-forced); deepened again and fine-tuned 150 steps at 3e-4 on the same rows (`redeep_rounds`), 78%, 87%
+    # (29 of 47) and 59%: the answers well ahead of the shipped target's (82.5%, 19 of 47), the clips and captions
+    # behind (66.5%, 82%), 224 summed against its 231.
     recount_rounds: tuple = ()
     # (steps, peak lr, training rows per task[, options as `deep_rounds`']) per round of the model deepened again
     # after the recount rounds; none without those
@@ -725,8 +728,8 @@ def cut_to_trained(deep_dir: Path, recipe: Recipe):
 
 def count_heavy(samples: list) -> list:
     """Every shape question ("How many triangles are there?") among `samples` (in order), then the first of the
-    rest, an eighth as many as `samples`: a round that must teach counting one shape's objects, which are a quarter of the
-    questions and a ninth of the last deep round's rows."""
+    rest, an eighth as many as `samples`: a round that must teach counting one shape's objects, which are a
+    quarter of the questions and a ninth of the last deep round's rows."""
     return shape_questions_first(samples, lambda s: s.row_id, len(samples) // 8)
 
 
@@ -829,11 +832,18 @@ def build_aid(aid: str | None, model, recipe: Recipe, init: Path):
     return None
 
 
-def recount_options(options: tuple, number: int, kind: str = "recount") -> bool:
-    """Whether a recount round trains on `count_heavy` rows, the one option it may name."""
-    if options not in ((), (COUNT_HEAVY,)):
-        raise ValueError(f"{kind} round {number} names {options}: a recount round may name {COUNT_HEAVY!r} alone")
-    return bool(options)
+def recount_kinds(recipe: Recipe) -> list:
+    """Each recount round's one option, or None: `COUNT_HEAVY`, or `KEEP_COUNT_HEAVY` after a round that named
+    `COUNT_HEAVY`; anything else is refused with the round's number."""
+    kinds: list = []
+    for number, (_, _, _, *options) in enumerate(recipe.recount_rounds, 1):
+        allowed = (COUNT_HEAVY, KEEP_COUNT_HEAVY) if COUNT_HEAVY in kinds else (COUNT_HEAVY,)
+        if options and (len(options) > 1 or options[0] not in allowed):
+            raise ValueError(f"recount round {number} names {tuple(options)}: a recount round may name one of "
+                             f"{allowed}" + ("" if COUNT_HEAVY in kinds else
+                                             f" ({KEEP_COUNT_HEAVY!r} only after a {COUNT_HEAVY!r} round)"))
+        kinds.append(options[0] if options else None)
+    return kinds
 
 
 def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict, report_path: Path,
@@ -841,11 +851,10 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
     """Every stage up to the exported target that is not there yet, each resuming from the one before."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    for name, rounds, check in (("deep", recipe.deep_rounds, round_options),
-                                ("recount", recipe.recount_rounds, recount_options),
-                                ("redeep", recipe.redeep_rounds, round_options)):
+    for name, rounds in (("deep", recipe.deep_rounds), ("redeep", recipe.redeep_rounds)):
         for number, (_, _, _, *options) in enumerate(rounds, 1):  # a typo found now, not hours in
-            check(tuple(options), number, name)
+            round_options(tuple(options), number, name)
+    kinds = recount_kinds(recipe)
     if recipe.redeep_rounds and not recipe.recount_rounds:
         raise ValueError("redeep rounds deepen the recount rounds' model: name recount rounds too")
     encoded: list = []  # the encoded training rows
@@ -911,7 +920,10 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
                 Qwen2_5_VLForConditionalGeneration.from_pretrained(previous, dtype=torch.float32)
             for p in model.model.visual.parameters():  # the tower already sees; only the text layers learn
                 p.requires_grad = False
-            round_set = count_heavy(rows_of(rows)) if recount_options(tuple(options), number) else rows_of(rows)
+            kind = kinds[number - 1]
+            round_set = count_heavy(rows_of(rows)) if kind == COUNT_HEAVY else rows_of(rows)
+            if kind == KEEP_COUNT_HEAVY:
+                round_set = round_set + count_heavy(rows_of(recipe.recount_rounds[kinds.index(COUNT_HEAVY)][2]))
             t0 = time.time()
             # no vision probe: the stage's own folder holds none, and the tower is frozen
             train(model, round_set, steps, lr, recipe, log, stage.name, stage, stage, device=device)
@@ -951,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
                                      (2, 2e-4, {**{t: 8 for t in world.TASKS}, "visual_qa": 10}, 2, 4.0,
                                       SHAPE_ATTENTION)),
                         recount_rounds=((2, 1e-3, {"visual_qa": 24}, COUNT_HEAVY),
-                                        (2, 5e-4, {t: 8 for t in world.TASKS})),
+                                        (2, 5e-4, {"image_caption": 8, "video_caption": 8}, KEEP_COUNT_HEAVY)),
                         redeep_rounds=((2, 2e-4, {t: 8 for t in world.TASKS}),),
                         shape_attention_heads=((1, 0), (5, 1)), scene_counts_layer=3,
                         warmup=2, layers=8, shallow_layers=2, image_size=args.image_size)
