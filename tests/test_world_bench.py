@@ -167,7 +167,8 @@ def test_target_recipe_runs_every_stage_and_resumes_at_the_first_unfinished_one(
                        ("recount", recipe_mod.Recipe(recount_rounds=((1, 1e-3, {}, recipe_mod.KEEP_COUNT_HEAVY),))),
                        ("redeep", recipe_mod.Recipe(recount_rounds=((1, 1e-3, {}),),
                                                     redeep_rounds=((1, 1e-3, {}, 2, 3),))),
-                       ("name recount rounds too", recipe_mod.Recipe(redeep_rounds=((1, 1e-3, {}),)))):
+                       ("name recount rounds too", recipe_mod.Recipe(recount_rounds=(),
+                                                                     redeep_rounds=((1, 1e-3, {}),)))):
         with pytest.raises(ValueError, match=kind if " " in kind else f"{kind} round 1 names"):
             recipe_mod.train_stages(out, typo, out / "data", out / "shallow-init", {}, tmp_path / "r.json",
                                     tmp_path / "l")
