@@ -642,8 +642,7 @@ def test_target_training_rounds_train_on_the_first_rows_they_name(tmp_path):
     recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
     few = {"image_caption": 1, "visual_qa": 0, "video_caption": 1}
     more = {**few, "video_caption": 2}
-    small = recipe_mod.Recipe(heldout=1, shallow_rounds=((1, 1e-3, few),), deep_rounds=(), recount_rounds=())
-    data = recipe_mod.write_data(tmp_path, small)
+    data = recipe_mod.write_rows(tmp_path, few, heldout=1)
     before = {json.loads(line)["id"]: line for line in (data / "train.jsonl").read_text().splitlines()}
     assert sorted(before) == ["image_caption-train-0", "video_caption-train-0"]
     large = recipe_mod.Recipe(heldout=1, shallow_rounds=((1, 1e-3, few), (1, 1e-3, more)), deep_rounds=(),
@@ -655,7 +654,7 @@ def test_target_training_rounds_train_on_the_first_rows_they_name(tmp_path):
     batched = recipe_mod.Recipe(shallow_rounds=((1, 1e-3, few),), deep_rounds=((1, 1e-3, more, 64),),
                                 recount_rounds=())
     assert recipe_mod.train_rows(batched) == more  # a round's own batch size is not its rows
-    # and a recount round's (the shipped recipe has some: a recipe that writes only its own rows names none)
+    # and a recount round's
     recounted = recipe_mod.Recipe(shallow_rounds=((1, 1e-3, few),), deep_rounds=(), recount_rounds=((1, 1e-3, more),))
     assert recipe_mod.train_rows(recounted) == more
     recipe_mod.write_data(tmp_path, large)
@@ -669,8 +668,7 @@ def test_target_training_rounds_train_on_the_first_rows_they_name(tmp_path):
         assert [s.row_id for s in recipe_mod.first_rows(order, more)] == [
             "image_caption-train-0", "video_caption-train-0", "video_caption-train-1"]
     other_mix = {**few, "image_caption": 2}  # as many rows in all, but not the same ones
-    recipe_mod.write_data(tmp_path, recipe_mod.Recipe(heldout=1, shallow_rounds=((1, 1e-3, other_mix),),
-                                                      deep_rounds=(), recount_rounds=()))
+    recipe_mod.write_rows(tmp_path, other_mix, heldout=1)
     assert recipe_mod.written_rows(data / "train.jsonl") == other_mix
 
 
@@ -680,8 +678,7 @@ def test_drafts_learn_from_an_equal_share_of_each_task(tmp_path):
     drafts_mod = _load(ROOT / "benchmarks" / "world" / "train_drafts.py")
     recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
     rows = {"image_caption": 2, "visual_qa": 2, "video_caption": 4}
-    recipe = recipe_mod.Recipe(heldout=1, shallow_rounds=((1, 1e-3, rows),), deep_rounds=(), recount_rounds=())
-    data = recipe_mod.write_data(tmp_path, recipe)
+    data = recipe_mod.write_rows(tmp_path, rows, heldout=1)
     chosen = [json.loads(line)["id"] for line in drafts_mod.distill_rows(data, 6)]
     assert sorted(chosen) == sorted(f"{task}-train-{i}" for task in rows for i in range(2))
 
@@ -693,8 +690,7 @@ def test_target_data_is_rewritten_for_a_new_grammar_or_image_size(tmp_path):
 
     recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
     rows = {"image_caption": 2, "visual_qa": 2, "video_caption": 3}
-    recipe = recipe_mod.Recipe(heldout=1, shallow_rounds=((1, 1e-3, rows),), deep_rounds=(), recount_rounds=())
-    train = recipe_mod.write_data(tmp_path, recipe) / "train.jsonl"
+    train = recipe_mod.write_rows(tmp_path, rows, heldout=1) / "train.jsonl"
     now_rows = [json.loads(line) for line in train.read_text().splitlines()]
     for row in now_rows:
         task, _, index = recipe_mod.parse_row_id(row["id"])
@@ -708,12 +704,11 @@ def test_target_data_is_rewritten_for_a_new_grammar_or_image_size(tmp_path):
     assert recipe_mod.written_rows(train) == rows
     first.replace(train)  # as if written before the grammar changed
     assert recipe_mod.written_rows(train)["video_caption"] < 3
-    recipe_mod.write_data(tmp_path, recipe)
+    recipe_mod.write_rows(tmp_path, rows, heldout=1)
     assert [json.loads(line) for line in train.read_text().splitlines()] == now_rows
-    # the images are written again at another recipe's image size, the rows unchanged
+    # the images are written again at another image size, the rows unchanged
     assert recipe_mod.written_image_size(tmp_path / "data") == 84
-    recipe_mod.write_data(tmp_path, recipe_mod.Recipe(heldout=1, shallow_rounds=recipe.shallow_rounds, deep_rounds=(),
-                                                    recount_rounds=(), image_size=112))
+    recipe_mod.write_rows(tmp_path, rows, heldout=1, image_size=112)
     assert recipe_mod.written_image_size(tmp_path / "data") == 112
     assert [json.loads(line) for line in train.read_text().splitlines()] == now_rows
 

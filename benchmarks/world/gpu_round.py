@@ -157,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = {task: min(n, args.rows) for task, n in rows.items()}
     t0 = time.time()
     # written once, then read by every variant: `write_data` keeps data that is already right
-    data = train_target.write_data(work, train_target.Recipe(heldout=1, shallow_rounds=((1, 0.0, rows),),
-                                                             deep_rounds=(), recount_rounds=()), args.workers)
+    data = train_target.write_rows(work, rows, heldout=1, workers=args.workers)
     if not args.variant and not args.time_batches:
         print(json.dumps({"rows": rows, "data_s": round(time.time() - t0)}), flush=True)
         return 0

@@ -217,15 +217,21 @@ def written_image_size(data: Path) -> int | None:
 
 
 def write_data(out: Path, recipe: Recipe, workers: int = 1) -> Path:
+    """The rows every round of `recipe` trains on, and its held-out rows (`write_rows`)."""
+    return write_rows(out, train_rows(recipe), recipe.heldout, recipe.image_size, workers)
+
+
+def write_rows(out: Path, train: dict, heldout: int, image_size: int = world.IMAGE_SIZE, workers: int = 1) -> Path:
+    """OUT/data with the first `train[task]` training rows and `heldout` held-out rows of each task, kept where
+    they are already written at `image_size`."""
     data = out / "data"
-    train = train_rows(recipe)
-    if written_rows(data / "train.jsonl") == train and written_image_size(data) == recipe.image_size:
+    if written_rows(data / "train.jsonl") == train and written_image_size(data) == image_size:
         return data
-    for split, counts in (("train", train), ("heldout", {t: recipe.heldout for t in world.TASKS})):
+    for split, counts in (("train", train), ("heldout", {t: heldout for t in world.TASKS})):
         lines = []
         for task, n in counts.items():
             if n:
-                lines += world.write_split(data, task, split, n, recipe.image_size, workers).read_text().splitlines()
+                lines += world.write_split(data, task, split, n, image_size, workers).read_text().splitlines()
         random.Random(split).shuffle(lines)
         (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return data
