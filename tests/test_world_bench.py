@@ -589,8 +589,11 @@ def test_a_gpu_round_trains_as_many_steps_as_fit_its_deadline_and_reports_them(t
     assert collated == [1] * 13 + [2] * 13  # the ready batch once, then 12 fresh ones; none while it is reused
 
 
-def test_rows_encoded_by_several_processes_are_those_encoded_by_one(tmp_path):
-    from vllm_flash import world
+def test_rows_encoded_by_several_processes_or_spilled_to_disk_are_those_encoded_by_one(tmp_path):
+    """Rows encoded by two processes, in chunks, or with their pixels spilled to disk and mapped back, are the
+    rows one process encodes in memory; a second spill into the same folder deletes the first's files, and the
+    rows mapped from them keep their pixels."""
+    from vllm_flash import data, world
 
     recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
     target = ROOT / "assets" / "world" / "target"
@@ -599,11 +602,24 @@ def test_rows_encoded_by_several_processes_are_those_encoded_by_one(tmp_path):
     (tmp_path / "all.jsonl").write_text("\n".join(lines) + "\n")
     one = recipe_mod.encode_split(target, tmp_path / "all.jsonl")
     two = recipe_mod.encode_split(target, tmp_path / "all.jsonl", 2)
-    assert [r.row_id for r in two] == [r.row_id for r in one] == [json.loads(line)["id"] for line in lines]
-    for a, b in zip(one, two):
-        assert a.target_from == b.target_from and torch.equal(a.token_ids, b.token_ids)
-        assert a.inputs.keys() == b.inputs.keys()
-        assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs if isinstance(a.inputs[k], torch.Tensor))
+    spill = tmp_path / "spill"
+    spilled = {workers: recipe_mod.encode_split(target, tmp_path / "all.jsonl", workers, spill) for workers in (2, 1)}
+    pixel_bytes = sum(t.numel() * t.element_size() for r in one for k, t in r.inputs.items() if k in data.PIXEL_KEYS)
+    files = list(spill.rglob("*.bin"))
+    assert len(files) == 1 and pixel_bytes <= files[0].stat().st_size < pixel_bytes + 8 * len(one)  # the 2nd's
+    assert len(list(spill.iterdir())) == 1  # the first spill's folder is gone
+    for rows in (two, *spilled.values()):
+        assert [r.row_id for r in rows] == [r.row_id for r in one] == [json.loads(line)["id"] for line in lines]
+        for a, b in zip(one, rows):
+            assert a.target_from == b.target_from and torch.equal(a.token_ids, b.token_ids)
+            assert a.inputs.keys() == b.inputs.keys()
+            for k in a.inputs:
+                if isinstance(a.inputs[k], torch.Tensor):
+                    assert a.inputs[k].dtype == b.inputs[k].dtype and torch.equal(a.inputs[k], b.inputs[k]), k
+    # one process, one file: every row's pixels are a view of it, mapped, not a copy in memory
+    storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for r in spilled[1]
+                for k, t in r.inputs.items() if k in data.PIXEL_KEYS}
+    assert len(storages) == 1 and next(iter(storages))[1] == files[0].stat().st_size
 
 
 def test_a_gpu_rounds_weights_come_back_in_parts_and_make_the_target_again(tmp_path):

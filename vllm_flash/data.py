@@ -10,8 +10,12 @@ Rows that cannot be used are counted by reason and reported; nothing is dropped 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
+import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -273,23 +277,75 @@ def served_mrope_positions(inputs: dict, facts: dict) -> torch.Tensor:
     return torch.cat(pieces, dim=1)
 
 
+MAX_CHUNK_ROWS = 500  # rows a worker of `encode_all` encodes and sends back at a time
+PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
+
+
 def encode_all(target: str | Path, conversations: list[Conversation], max_len: int, workers: int = 1,
-               pixel_dtype: torch.dtype | None = None) -> list[Encoded]:
+               pixel_dtype: torch.dtype | None = None, spill: Path | None = None) -> list[Encoded]:
     """`encode` every conversation with `target`'s processor, in order, by `workers` processes, with the pixels
-    cast to `pixel_dtype` where given (a row that cannot be encoded raises)."""
+    cast to `pixel_dtype` where given (a row that cannot be encoded raises).
+
+    With `spill`, a folder, the pixels are written to files there as they are encoded, and the rows hold
+    copy-on-write memory maps of them: the kernel reads the pages as training needs them and may drop them
+    again, so more rows can be held than fit in memory (96000 world rows, a third of them clips, hold 17 GB of
+    bf16 pixels; held in memory they ran a 24 GiB machine out). What an earlier call spilled there is deleted
+    (rows still mapped from it keep their pages until they are let go)."""
+    spill_to = None
+    if spill is not None:
+        spill = Path(spill)
+        spill.mkdir(parents=True, exist_ok=True)
+        for old in spill.glob("encoded-*"):
+            shutil.rmtree(old)
+        spill_to = Path(tempfile.mkdtemp(prefix="encoded-", dir=spill))
     if workers <= 1 or len(conversations) < 2:
-        return _encode_chunk((str(target), conversations, max_len, pixel_dtype))
+        return _map_spilled(_encode_chunk((str(target), conversations, max_len, pixel_dtype,
+                                           spill_to and spill_to / "pixels-00000.bin")))
     import multiprocessing
     import pickle
 
-    size = -(-len(conversations) // (workers * 8))  # a few chunks per process, so that none waits on the last
-    chunks = [(str(target), conversations[i:i + size], max_len, pixel_dtype)
-              for i in range(0, len(conversations), size)]
+    # a few chunks per process, so that none waits on the last, and none so large that its blob (held by the
+    # worker while sent, and by this process while read) weighs more than a few hundred MB
+    size = min(-(-len(conversations) // (workers * 8)), MAX_CHUNK_ROWS)
+    chunks = [(str(target), conversations[i:i + size], max_len, pixel_dtype,
+               spill_to and spill_to / f"pixels-{i // size:05d}.bin") for i in range(0, len(conversations), size)]
     # a chunk comes back as one pickled blob of our own rows: sent as tensors, tens of thousands of rows would
     # each hold a shared-memory file open at once
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         # imap: each blob is let go once read, so the rows are never held twice
-        return [row for blob in pool.imap(_encode_chunk_pickled, chunks) for row in pickle.loads(blob)]
+        return _map_spilled([row for blob in pool.imap(_encode_chunk_pickled, chunks) for row in pickle.loads(blob)])
+
+
+@dataclass(frozen=True)
+class _Spilled:
+    """Where `_encode_chunk` wrote a pixel tensor: `_map_spilled` maps it back."""
+    path: str
+    offset: int  # bytes
+    shape: tuple
+    dtype: torch.dtype
+
+
+def _spill(tensor: torch.Tensor, file, path: Path) -> _Spilled:
+    tensor = tensor.contiguous()
+    file.write(b"\0" * (-file.tell() % 8))  # every tensor starts aligned for its dtype
+    offset = file.tell()
+    file.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return _Spilled(str(path), offset, tuple(tensor.shape), tensor.dtype)
+
+
+def _map_spilled(rows: list[Encoded]) -> list[Encoded]:
+    import numpy as np
+
+    maps: dict[str, torch.Tensor] = {}
+    for row in rows:
+        for key, value in row.inputs.items():
+            if isinstance(value, _Spilled):
+                if value.path not in maps:  # copy-on-write: the tensors are writable, the file never written
+                    maps[value.path] = torch.from_numpy(np.memmap(value.path, dtype=np.uint8, mode="c"))
+                size = math.prod(value.shape) * value.dtype.itemsize
+                row.inputs[key] = maps[value.path][value.offset:value.offset + size].view(value.dtype).reshape(
+                    value.shape)
+    return rows
 
 
 @functools.lru_cache(maxsize=2)
@@ -304,13 +360,20 @@ def _processor_and_facts(target: str) -> tuple:
 
 
 def _encode_chunk(job: tuple) -> list[Encoded]:
-    target, conversations, max_len, pixel_dtype = job
+    """The rows of one chunk; each row's pixels cast, and spilled to `spill_path` where given, as it comes (cast
+    after the whole chunk, the processor's fp32 pixels of every row would be held at once)."""
+    target, conversations, max_len, pixel_dtype, spill_path = job
     processor, facts = _processor_and_facts(target)
-    rows = [encode(c, processor, facts, max_len) for c in conversations]
-    for row in rows if pixel_dtype else ():
-        for key in ("pixel_values", "pixel_values_videos"):
-            if key in row.inputs:
-                row.inputs[key] = row.inputs[key].to(pixel_dtype)
+    rows = []
+    with contextlib.ExitStack() as stack:
+        spill_file = stack.enter_context(open(spill_path, "wb")) if spill_path else None
+        for conversation in conversations:
+            row = encode(conversation, processor, facts, max_len)
+            for key in PIXEL_KEYS:
+                if key in row.inputs:
+                    pixels = row.inputs[key].to(pixel_dtype) if pixel_dtype else row.inputs[key]
+                    row.inputs[key] = _spill(pixels, spill_file, spill_path) if spill_file else pixels
+            rows.append(row)
     return rows
 
 

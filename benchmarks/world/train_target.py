@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from vllm_flash import world  # noqa: E402
-from vllm_flash.data import BadDataReport, encode_all, read_conversations  # noqa: E402
+from vllm_flash.data import PIXEL_KEYS, BadDataReport, encode_all, read_conversations  # noqa: E402
 
 
 TRAIN_ROWS = {"image_caption": 5000, "visual_qa": 5000, "video_caption": 16000}
@@ -248,18 +248,17 @@ def build_shallow(out: Path, recipe: Recipe) -> Path:
     return path
 
 
-PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
-
-
-def encode_split(target: Path, jsonl: Path, workers: int = 1) -> list:
+def encode_split(target: Path, jsonl: Path, workers: int = 1, spill: Path | None = None) -> list:
     """Every row of `jsonl`, encoded as training reads it, by `workers` processes. The pixels are held in bf16, as
     the served bf16 target reads them: at 26000 rows the fp32 pixels (about 17 GB, estimated from their shapes)
-    beside the deep model's training ran out of 24 GiB."""
+    beside the deep model's training ran out of 24 GiB. With `spill`, a folder, they are held on disk there
+    and mapped (`encode_all`)."""
     report = BadDataReport()
     conversations = list(read_conversations(jsonl, report))
     if report.counts:
         raise RuntimeError(f"bad rows in generated data: {report.summary()}")
-    return encode_all(target, conversations, max_len=1024, workers=workers, pixel_dtype=torch.bfloat16)
+    return encode_all(target, conversations, max_len=1024, workers=workers, pixel_dtype=torch.bfloat16,
+                      spill=spill)
 
 
 def first_rows(samples: list, rows: dict) -> list:
@@ -875,7 +874,8 @@ def train_stages(out: Path, recipe: Recipe, data: Path, init: Path, report: dict
     def rows_of(rows: dict) -> list:
         """A round's training rows, encoded the first time a stage still has to train (it takes minutes)."""
         if not encoded:
-            encoded.extend(encode_split(init, data / "train.jsonl", workers))
+            # the pixels on disk: the rows of the shipped recount rounds hold 17 GB of them
+            encoded.extend(encode_split(init, data / "train.jsonl", workers, out / "encoded"))
             report["train_examples"] = len(encoded)
         return first_rows(encoded, rows)
 
