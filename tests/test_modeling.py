@@ -6,7 +6,8 @@ import torch
 
 from vllm_flash.checkpoint import CheckpointError, load_draft, save_draft
 from vllm_flash.config import FlashConfig, FlashConfigError, validate_against_target
-from vllm_flash.modeling import FlashDraft, LatentCompressor, VisualFrames, flash_loss, latent_layout, sar_mask
+from vllm_flash.modeling import (FlashDraft, LatentCompressor, Rotary, VisualFrames, flash_loss, latent_layout,
+                                 sar_mask)
 
 HIDDEN, VOCAB = 64, 97
 
@@ -39,6 +40,23 @@ def test_sar_block_of_last_position_equals_causal_attention_over_prefix_plus_slo
     causal = torch.ones(k, len(cols), dtype=torch.bool).tril(diagonal=t - 1)
     assert torch.equal(last_block[:, cols], causal)
     assert last_block.sum() == causal.sum()  # nothing outside those keys
+
+
+def test_rotary_reads_from_its_table_what_the_formula_computes():
+    """The table holds exactly the values computing cos and sin per call gives (so no trained draft changes),
+    for batched positions in any order; a position past the table is refused, not wrapped around."""
+    torch.manual_seed(0)
+    rotary = Rotary(head_dim=16, theta=10000.0, max_positions=512)
+    x = torch.randn(2, 7, 3, 16, dtype=torch.bfloat16)
+    positions = torch.randint(0, 512, (2, 7))
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    angle = torch.cat([positions.float()[..., None] * inv_freq] * 2, dim=-1)[..., None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    expected = (x.float() * angle.cos() + torch.cat([-x2, x1], dim=-1) * angle.sin()).to(x.dtype)
+    assert torch.equal(rotary(x, positions), expected)
+    assert torch.equal(rotary(x[0], positions[0]), expected[0])  # no batch axis
+    with pytest.raises(IndexError):
+        rotary(x, torch.full((2, 7), 512))
 
 
 def test_compressor_invariant_to_token_permutation_and_frames_independent():

@@ -32,7 +32,7 @@ except ImportError:
 
     sys.modules["transformers"] = types.SimpleNamespace(PretrainedConfig=_PretrainedConfig)
 from vllm_flash.config import FlashConfig  # noqa: E402
-from vllm_flash.modeling import DraftLayer, FlashDraft, apply_rotary  # noqa: E402
+from vllm_flash.modeling import DraftLayer, FlashDraft  # noqa: E402
 
 SHAPES = {
     "7b": dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
@@ -47,8 +47,8 @@ def cached_attention(layer: DraftLayer, x: torch.Tensor, positions: torch.Tensor
     """One decoder layer over new tokens x (B, T, d) attending to a KV cache (B, H_kv, L, D) plus themselves."""
     b, t, _ = x.shape
     y = layer.input_norm(x)
-    q = apply_rotary(layer.q_proj(y).view(b, t, layer.num_heads, layer.head_dim), positions, layer.rope_theta)
-    k = apply_rotary(layer.k_proj(y).view(b, t, layer.num_kv_heads, layer.head_dim), positions, layer.rope_theta)
+    q = layer.rotary(layer.q_proj(y).view(b, t, layer.num_heads, layer.head_dim), positions)
+    k = layer.rotary(layer.k_proj(y).view(b, t, layer.num_kv_heads, layer.head_dim), positions)
     v = layer.v_proj(y).view(b, t, layer.num_kv_heads, layer.head_dim)
     k = torch.cat([k_cache, k.transpose(1, 2)], dim=2)
     v = torch.cat([v_cache, v.transpose(1, 2)], dim=2)
@@ -101,7 +101,7 @@ def run(shape: str, batches: list[int], k: int, context: int, repeats: int) -> d
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     s = dict(SHAPES[shape])
     layers = s.pop("layers")
-    config = FlashConfig(num_speculative_tokens=k, num_latents=36, **s)
+    config = FlashConfig(num_speculative_tokens=k, num_latents=36, max_position_embeddings=context + k + 1, **s)
     torch.manual_seed(0)
     with device:  # initialise on the GPU: 7B parameters initialised on the host take minutes
         target_layers = [DraftLayer(config).to(dtype) for _ in range(layers)]
