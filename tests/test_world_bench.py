@@ -320,8 +320,17 @@ def test_bench_runs_every_method_losslessly_and_writes_results(tmp_path):
                 assert r["c"] > 0 and r["bound"] > 0
     flash = [r for r in greedy if r["method"] == "flash"]
     assert min(r["tau"] for r in flash) > 1.2, flash  # a trained draft on its own world (untrained: ~1.0)
+    for r in greedy:  # where each step's time went: the target's forward, the drafter's, the rest
+        t = r["step_ms"]
+        assert t["steps"] >= 1 and t["target_forward"] > 0 and t["other"] > 0, r
+        assert (t["propose"] == 0) == (r["method"] == "none"), r
+        if r["method"] == "none":
+            assert r["tokens_per_step"] <= r["batch_size"], r  # one token per request and step
+    none_steps = {(r["task"], r["batch_size"]): r["tokens_per_step"] for r in greedy if r["method"] == "none"}
+    assert all(r["tokens_per_step"] > none_steps[(r["task"], r["batch_size"])] for r in flash), flash
     table = (tmp_path / "latest.md").read_text()
-    assert table.count("\n| ") == (len(result["rows"]) + 1) + (6 + 1)  # results + header, targets + header
+    # results + header, targets + header, step times + header
+    assert table.count("\n| ") == (len(result["rows"]) + 1) + (6 + 1) + (len(greedy) + 1)
     assert "| flash speed-up over none, batch 1 | >= 2.5 |" in table
     for png in ("speedup.png", "acceptance.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

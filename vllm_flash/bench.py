@@ -15,6 +15,10 @@ Definitions:
   tau = (1 - a^(K+1)) / (1 - a); bound = (1 - a^(K+1)) / ((1 - a)(1 + c)) = tau / (1 + c). The gap between
   the achieved speed-up and the bound is what spec-decode bookkeeping and verification of K+1 tokens cost.
 
+Each greedy row also says where an engine step's time went (`step_ms`: the target's forward, the drafter's
+proposal, the rest) and how many tokens a step produced: what a speed-up below its bound is lost to, at every
+batch size.
+
 Writes RESULTS/latest.json ({machine, vllm_version, rows}), RESULTS/latest.md and RESULTS/speedup.png,
 RESULTS/acceptance.png.
 """
@@ -124,6 +128,15 @@ class EngineProbe:
         values = self.times[key]
         return statistics.median(values) * 1e3 if values else None
 
+    def step_ms(self, seconds: float) -> dict:
+        """Where a run of `seconds` went, per engine step (one target forward each; mean ms): the target's
+        forward, the drafter's proposal, and the rest (scheduling, sampling and rejection, input preparation,
+        output processing), with the number of steps."""
+        steps = max(len(self.times["target_forward"]), 1)
+        target, propose = sum(self.times["target_forward"]), sum(self.times["propose"])
+        return {"steps": steps, "target_forward": 1e3 * target / steps, "propose": 1e3 * propose / steps,
+                "other": 1e3 * (seconds - target - propose) / steps}
+
     def close(self) -> None:
         for undo in self._undo:
             undo()
@@ -195,11 +208,13 @@ def run_bench(cfg: BenchConfig, results_dir: Path, log=print) -> dict:
                     start = time.perf_counter()
                     outs = [o for g in groups for o in llm.generate(g, greedy, use_tqdm=False)]
                     seconds = time.perf_counter() - start
+                    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+                    step_ms = probe.step_ms(seconds)
                     samples.setdefault((task, method, batch), []).append({
-                        "seconds": seconds, "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
-                        "metrics": probe.counts,
+                        "seconds": seconds, "tokens": tokens, "metrics": probe.counts,
                         "target_forward_ms": probe.median_ms("target_forward"),
-                        "propose_ms": probe.median_ms("propose")})
+                        "propose_ms": probe.median_ms("propose"), "step_ms": step_ms,
+                        "tokens_per_step": tokens / step_ms["steps"]})
                     outputs[(task, method, batch)] = [list(o.outputs[0].token_ids) for o in outs]
                 log(f"rep {rep + 1}/{cfg.repeats} {task} batch {batch}: " + ", ".join(
                     f"{m} {samples[(task, m, batch)][-1]['tokens'] / samples[(task, m, batch)][-1]['seconds']:.0f} tok/s"
@@ -236,7 +251,10 @@ def run_bench(cfg: BenchConfig, results_dir: Path, log=print) -> dict:
                        "speedup_vs_none": round(tps / base, 3) if base else None,
                        "identical_to_none": (outputs[(task, method, batch)] == outputs[(task, "none", batch)])
                        if "none" in cfg.methods else None,
-                       "k": k, "tau": None, "acceptance_per_position": None, "c": None, "a": None, "bound": None}
+                       "k": k, "tau": None, "acceptance_per_position": None, "c": None, "a": None, "bound": None,
+                       "step_ms": {key: round(statistics.median(s["step_ms"][key] for s in runs), 3)
+                                   for key in ("steps", "target_forward", "propose", "other")},
+                       "tokens_per_step": round(statistics.median(s["tokens_per_step"] for s in runs), 2)}
                 if method != "none":
                     acc = _acceptance(_sum_metrics([s["metrics"] for s in runs]), k)
                     row["tau"], row["acceptance_per_position"] = acc["tau"], acc["acceptance_per_position"]
@@ -313,6 +331,22 @@ def markdown_table(result: dict) -> str:
                      f"{acc} | {_fmt(r['output_tokens_per_s'], '.1f')} | {_fmt(r['speedup_vs_none'])} | "
                      f"{_fmt(r.get('c'), '.3f')} | {_fmt(r.get('bound'))} | {_fmt(ratio)} | "
                      f"{'-' if same is None else 'yes' if same else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def step_table(result: dict) -> str:
+    """Where each engine step's time went, per greedy row: what a speed-up below its bound is lost to."""
+    lines = ["Time per engine step (ms; mean over a run's steps, median of repetitions). Each step is one target "
+             "forward; tokens per step is about batch x tau.", "",
+             "| task | method | batch | steps | tokens per step | target forward | proposer | other | whole step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        t = r.get("step_ms")
+        if r["temperature"] != 0.0 or not t:
+            continue
+        lines.append(f"| {r['task']} | {r['method']} | {r['batch_size']} | {t['steps']:g} | {r['tokens_per_step']:.1f} | "
+                     f"{t['target_forward']:.2f} | {t['propose']:.2f} | {t['other']:.2f} | "
+                     f"{t['target_forward'] + t['propose'] + t['other']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -400,7 +434,8 @@ def plot(result: dict, results_dir: Path) -> list[Path]:
 def write_results(result: dict, results_dir: Path) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "latest.json").write_text(json.dumps(result, indent=1))
-    (results_dir / "latest.md").write_text(markdown_table(result) + "\n" + targets_table(result))
+    (results_dir / "latest.md").write_text(markdown_table(result) + "\n" + targets_table(result) + "\n" +
+                                           step_table(result))
     plot(result, results_dir)
 
 
