@@ -708,6 +708,18 @@ def test_drafts_learn_from_an_equal_share_of_each_task(tmp_path):
     assert sorted(chosen) == sorted(f"{task}-train-{i}" for task in rows for i in range(2))
 
 
+def test_drafts_trained_with_other_settings_are_refused_not_mixed(tmp_path):
+    """The drafts' settings are recorded once; the same settings pass (a stopped run resumes), and other ones
+    are refused, naming what changed, before any draft is kept or data reused."""
+    drafts_mod = _load(ROOT / "benchmarks" / "world" / "train_drafts.py")
+    settings = {"rows": 1500, "epochs": 2, "batch_size": 16, "lr": 1e-3}
+    drafts_mod.check_settings(tmp_path, settings)
+    drafts_mod.check_settings(tmp_path, dict(settings))
+    with pytest.raises(SystemExit, match="rows 1500 -> 3000"):
+        drafts_mod.check_settings(tmp_path, {**settings, "rows": 3000})
+    assert json.loads((tmp_path / "drafts_settings.json").read_text()) == settings
+
+
 def test_target_data_is_rewritten_for_a_new_grammar_or_image_size(tmp_path):
     """Rows written before the world's clip grammar changed are written again, and so are images written at
     another image size; the rows themselves stay the same."""

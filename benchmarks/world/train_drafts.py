@@ -71,6 +71,22 @@ def distill_data(target: Path, data: Path, out: Path, rows: int) -> Path:
     return out
 
 
+def check_settings(world: Path, settings: dict) -> None:
+    """Record the drafts' training settings in WORLD/drafts_settings.json the first time, and refuse others
+    later: a draft already in WORLD/drafts is kept, not retrained (a stopped run resumes), and the distilled
+    rows and features are reused, so a run with other settings would mix drafts trained on different data."""
+    path = world / "drafts_settings.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = [f"{key} {before.get(key)} -> {value}" for key, value in settings.items() if before.get(key) != value]
+        if changed:
+            raise SystemExit(f"the drafts in {world / 'drafts'} were trained with other settings ({'; '.join(changed)}): "
+                             f"delete {world / 'drafts'}, {world / 'features'} and {path}, or pass the same settings")
+    else:
+        world.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1))
+
+
 def train_flash(target: Path, data: Path, world: Path, epochs: int, batch_size: int, lr: float) -> dict:
     from vllm_flash.cli import main as cli
 
@@ -147,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(chosen) - set(trainers)
     if unknown:
         raise SystemExit(f"unknown --drafts {sorted(unknown)}; choose from {sorted(trainers)}")
-    data = distill_data(target, world / "data", world / "data" / "distill.jsonl", args.rows)
+    check_settings(world, {"rows": args.rows, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr})
+    data = distill_data(target, world / "data", world / "data" / f"distill-{args.rows}.jsonl", args.rows)
     report_path = world / "drafts_report.json"
     for name in chosen:
         seconds = trainers[name](target, data, world, args.epochs, args.batch_size, args.lr)
