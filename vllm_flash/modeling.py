@@ -64,11 +64,15 @@ class Rotary(nn.Module):
             self._cos_sin = (freqs.cos(), freqs.sin())
         return self._cos_sin
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: (..., L, H, D); positions: (..., L), each below `max_positions`."""
-        cos, sin = (t[positions][..., None, :] for t in self._table(x.device))  # (..., L, 1, D/2)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each x (..., L, H, D) rotated by `positions` (..., L), each below `max_positions`; the table is read
+        once for all of them (the queries and the keys)."""
+        cos, sin = (t[positions][..., None, :] for t in self._table(positions.device))  # (..., L, 1, D/2)
+        rotated = []
+        for x in xs:
+            x1, x2 = x.float().chunk(2, dim=-1)
+            rotated.append(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype))
+        return tuple(rotated)
 
 
 class Fusion(nn.Module):
@@ -186,7 +190,7 @@ class DraftLayer(nn.Module):
         q = self.q_proj(y).view(*shape, self.num_heads, self.head_dim)
         k = self.k_proj(y).view(*shape, self.num_kv_heads, self.head_dim)
         v = self.v_proj(y).view(*shape, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        q, k = self.rotary(positions, q, k)
         x = x + self.o_proj(attend(q, k, v))
         y = self.post_attention_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))

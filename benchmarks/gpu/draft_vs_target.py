@@ -47,8 +47,8 @@ def cached_attention(layer: DraftLayer, x: torch.Tensor, positions: torch.Tensor
     """One decoder layer over new tokens x (B, T, d) attending to a KV cache (B, H_kv, L, D) plus themselves."""
     b, t, _ = x.shape
     y = layer.input_norm(x)
-    q = layer.rotary(layer.q_proj(y).view(b, t, layer.num_heads, layer.head_dim), positions)
-    k = layer.rotary(layer.k_proj(y).view(b, t, layer.num_kv_heads, layer.head_dim), positions)
+    q, k = layer.rotary(positions, layer.q_proj(y).view(b, t, layer.num_heads, layer.head_dim),
+                        layer.k_proj(y).view(b, t, layer.num_kv_heads, layer.head_dim))
     v = layer.v_proj(y).view(b, t, layer.num_kv_heads, layer.head_dim)
     k = torch.cat([k_cache, k.transpose(1, 2)], dim=2)
     v = torch.cat([v_cache, v.transpose(1, 2)], dim=2)
