@@ -29,18 +29,27 @@ def any_target(request):
     return request.getfixturevalue("qwen_target" if request.param == "qwen2_5_vl" else "llava_target")
 
 
-def _write_random_draft(target, out, k=4, latents=4, seed=0):
+def _write_random_draft(target, out, k=4, latents=4, seed=0, mixer=False):
     import torch
 
     from vllm_flash.checkpoint import init_draft_for_target, save_draft
 
     torch.manual_seed(seed)
-    return save_draft(init_draft_for_target(target, num_speculative_tokens=k, num_latents=latents), out)
+    draft = init_draft_for_target(target, num_speculative_tokens=k, num_latents=latents, slot_token_mixer=mixer)
+    if mixer:
+        with torch.no_grad():
+            draft.token_mixer.out.weight.normal_(0, 0.3)  # a fresh mixer changes nothing
+    return save_draft(draft, out)
 
 
 @pytest.fixture(scope="session")
 def qwen_random_draft(qwen_target, tmp_path_factory):
     return _write_random_draft(qwen_target, tmp_path_factory.mktemp("drafts") / "qwen_random")
+
+
+@pytest.fixture(scope="session")
+def qwen_random_mixer_draft(qwen_target, tmp_path_factory):
+    return _write_random_draft(qwen_target, tmp_path_factory.mktemp("drafts") / "qwen_random_mixer", mixer=True)
 
 
 @pytest.fixture(scope="session")

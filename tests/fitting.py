@@ -12,5 +12,6 @@ def training_prompts(kind: str, n: int) -> list[str]:
 def fit_draft_on_own_outputs(target, out, kind="qwen2_5_vl", k=4, n=16):
     """A draft fitted (near memorised) to the target's greedy continuations of `training_prompts(kind, n)`:
     a 1-layer draft does not generalise across a random target's chaotic outputs, but on these prompts it
-    is right often, which is what exercising full and partial acceptance needs."""
-    return distill_text_draft(target, out, training_prompts(kind, n), k=k)
+    is right often, which is what exercising full and partial acceptance needs. It has a token mixer, as
+    `vllm-flash train` gives by default, so its slots are drafted one after another."""
+    return distill_text_draft(target, out, training_prompts(kind, n), k=k, slot_token_mixer=True)

@@ -43,11 +43,12 @@ def baselines(qwen_target, llava_target):
             for kind, target in (("qwen2_5_vl", qwen_target), ("llava", llava_target))}
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", "llava"])
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_greedy_flash_equals_plain_vllm(kind, k, baselines, request):
+@pytest.mark.parametrize("kind,k,mixer", [(kind, k, False) for kind in ("qwen2_5_vl", "llava") for k in (1, 2, 4)]
+                         + [("qwen2_5_vl", 4, True)])
+def test_greedy_flash_equals_plain_vllm(kind, k, mixer, baselines, request):
     target = request.getfixturevalue("qwen_target" if kind == "qwen2_5_vl" else "llava_target")
-    draft = request.getfixturevalue("qwen_random_draft" if kind == "qwen2_5_vl" else "llava_random_draft")
+    draft = request.getfixturevalue("qwen_random_mixer_draft" if mixer else
+                                    "qwen_random_draft" if kind == "qwen2_5_vl" else "llava_random_draft")
     outputs, metrics = run(target, draft, k, kind)
     assert outputs == baselines[kind]
     # Every verify step drafted K tokens, except where a request's end (max_tokens / max_model_len) cut it.

@@ -144,6 +144,38 @@ def test_last_position_block_depends_only_on_prefix():
     torch.testing.assert_close(full[:, :10], prefix, rtol=1e-4, atol=1e-5)
 
 
+def mixer_draft(k=4) -> FlashDraft:
+    """A draft whose token mixer does something (a fresh one starts at zero, changing nothing)."""
+    draft = make_draft(k=k, slot_token_mixer=True)
+    with torch.no_grad():
+        draft.token_mixer.out.weight.normal_(0, 0.3)
+    return draft
+
+
+def test_token_mixer_at_inference_reads_the_drafted_tokens_as_training_reads_the_true_ones():
+    """Drafting slot by slot (each slot corrected by the token drafted before it) gives the logits that the
+    teacher-forced training pass gives when the sequence goes on with exactly those tokens; the mixer changes
+    the drafts, and a fresh one changes nothing."""
+    draft = mixer_draft()
+    next_ids, features, frames = sample_batch("image", b=1)
+    t, k = next_ids.shape[1], 4
+    logits = draft.draft_logits(next_ids[0], features[0], frames)
+    drafted = logits.argmax(-1)
+    # the sequence continued with the drafted tokens; the features after it cannot reach position t-1's block
+    ids = torch.cat([next_ids, drafted[None, :k - 1]], dim=1)
+    more = torch.cat([features, torch.randn(1, k - 1, HIDDEN)], dim=1)
+    teacher_forced = draft.logits(draft(ids, more, frames)[0, t - 1])
+    torch.testing.assert_close(logits, teacher_forced, rtol=1e-4, atol=1e-4)
+    plain = draft.logits(draft.slot_features(next_ids, features, frames)[0, -1])
+    torch.testing.assert_close(logits[0], plain[0])  # slot 0 has no token before it
+    assert not torch.allclose(logits[1:], plain[1:], atol=1e-3)
+    without, fresh = make_draft(), make_draft(slot_token_mixer=True)
+    assert fresh.load_state_dict(without.state_dict(), strict=False).missing_keys  # all but the mixer's
+    fresh.attach_target_head(without.embed_weight, without.lm_head_weight)
+    torch.testing.assert_close(fresh.draft_logits(next_ids[0], features[0], frames),
+                               without.draft_logits(next_ids[0], features[0], frames))
+
+
 def test_loss_falls_when_overfitting_a_tiny_batch():
     draft = make_draft()
     # A peaked LM head: soft cross-entropy is bounded below by the target distribution's entropy.
@@ -158,7 +190,7 @@ def test_loss_falls_when_overfitting_a_tiny_batch():
     opt = torch.optim.AdamW(draft.parameters(), lr=1e-2)
     losses = []
     for _ in range(300):
-        result = flash_loss(draft, draft(next_ids, target, frames), target, torch.ones_like(text), text)
+        result = flash_loss(draft, draft(next_ids, target, frames), target, torch.ones_like(text), text, 0.1)
         opt.zero_grad()
         result.loss.backward()
         opt.step()

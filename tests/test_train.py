@@ -16,6 +16,37 @@ from vllm_flash.train import Sample, TrainConfig, fit
 from .toy_data import BAD_ROWS, write_toy_dataset
 
 
+def test_regenerated_rows_are_read_as_they_go_and_each_keeps_its_own_answer(qwen_target, tmp_path, monkeypatch):
+    """--regenerate answers the rows a chunk at a time in a pass of its own, then reads them again for their
+    features: with bad rows among them and chunks of 5, every sample ends with the target's own answer to its
+    row, as vLLM gives it for the whole list at once."""
+    from transformers import AutoProcessor
+
+    from vllm_flash import trainer
+    from vllm_flash.config import target_facts
+    from vllm_flash.data import BadDataReport, encode_or_report, read_conversations, vllm_request
+
+    from .vllm_helpers import greedy, token_ids, with_llm
+
+    data = write_toy_dataset(tmp_path / "data")
+    monkeypatch.setattr(trainer, "REGENERATE_CHUNK", 5)
+    count, report = extract_features(qwen_target, data, tmp_path / "features", max_len=512, progress=False,
+                                     regenerate=True, regenerate_tokens=8)
+    assert count == 12 and dict(report.counts) == BAD_ROWS, report.summary()
+    processor = AutoProcessor.from_pretrained(str(qwen_target))
+    facts = target_facts(load_target_config(qwen_target))
+    conversations = list(read_conversations(data, BadDataReport()))
+    # the target's answers, all at once, straight from vLLM
+    expected = with_llm(qwen_target, None, lambda llm: token_ids(llm.generate(
+        [vllm_request(conv, processor) for conv in conversations], greedy(max_tokens=8))), max_model_len=4096)
+    expected = [answer for conv, answer in zip(conversations, expected)  # not the over-long row
+                if encode_or_report(conv, processor, facts, 512, BadDataReport())]
+    shards = FeatureShards(tmp_path / "features")
+    answers = [shards[i].token_ids[shards[i].target_from:].tolist() for i in range(len(shards))]
+    assert answers == expected
+    assert len({tuple(a) for a in answers}) > 3  # the rows' answers differ: a shifted pairing would show
+
+
 def test_bad_rows_are_counted_by_reason_and_good_rows_extracted(qwen_target, tmp_path):
     data = write_toy_dataset(tmp_path / "data")
     count, report = extract_features(qwen_target, data, tmp_path / "features", max_len=512, progress=False)

@@ -32,8 +32,20 @@ class Recorder:
                                        target_hidden_states, token_indices_to_sample, cad, num_rejected_tokens_gpu)
 
         def sample(self, hidden_states, sampling_metadata):
-            recorder.steps[-1]["logits"] = self.model.compute_logits(hidden_states).clone()
-            return original_sample(self, hidden_states, sampling_metadata)
+            # every call of compute_logits in this pass: one for all K slots, or one per slot (token mixer)
+            calls, compute_logits = [], self.model.compute_logits
+
+            def recording(h):
+                logits = compute_logits(h)
+                calls.append(logits.clone())
+                return logits
+
+            self.model.compute_logits = recording
+            try:
+                return original_sample(self, hidden_states, sampling_metadata)
+            finally:
+                del self.model.compute_logits
+                recorder.steps[-1]["logits"] = torch.cat(calls)  # one request a pass: slot order
 
         monkeypatch.setattr(FlashProposer, "set_inputs_first_pass", set_inputs)
         monkeypatch.setattr(FlashProposer, "_sample_draft_tokens", sample)
@@ -54,11 +66,16 @@ class Recorder:
                    torch.stack([features[p] for p in range(anchor + 1)]), step["logits"])
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", "llava"])
-def test_vllm_draft_logits_equal_reference(kind, request, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind,mixer", [("qwen2_5_vl", False), ("llava", False), ("qwen2_5_vl", True)])
+def test_vllm_draft_logits_equal_reference(kind, mixer, request, tmp_path, monkeypatch):
+    """With a token mixer, vLLM drafts slot by slot from the tokens it drafted, as the reference does."""
     target = request.getfixturevalue("qwen_target" if kind == "qwen2_5_vl" else "llava_target")
     torch.manual_seed(0)
-    save_draft(init_draft_for_target(target, num_speculative_tokens=4, num_latents=4), tmp_path / "draft")
+    draft = init_draft_for_target(target, num_speculative_tokens=4, num_latents=4, slot_token_mixer=mixer)
+    if mixer:
+        with torch.no_grad():
+            draft.token_mixer.out.weight.normal_(0, 0.3)  # a fresh one changes nothing
+    save_draft(draft, tmp_path / "draft")
     reference = load_draft(tmp_path / "draft")
     reference.attach_target_head(*load_target_head(target))
     facts = target_facts(load_target_config(target))

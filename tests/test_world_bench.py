@@ -609,7 +609,9 @@ def test_rows_encoded_by_several_processes_or_spilled_to_disk_are_those_encoded_
     lines = [line for task in world.TASKS for line in
              world.write_split(tmp_path, task, "train", 3).read_text().splitlines()]
     (tmp_path / "all.jsonl").write_text("\n".join(lines) + "\n")
-    one = recipe_mod.encode_split(target, tmp_path / "all.jsonl")
+    one = recipe_mod.encode_split(target, tmp_path / "all.jsonl")  # rows read by the encoding process
+    read_first = data.encode_all(target, list(data.read_conversations(tmp_path / "all.jsonl", data.BadDataReport())),
+                                 max_len=1024, pixel_dtype=torch.bfloat16)
     two = recipe_mod.encode_split(target, tmp_path / "all.jsonl", 2)
     spill = tmp_path / "spill"
     spilled = {workers: recipe_mod.encode_split(target, tmp_path / "all.jsonl", workers, spill) for workers in (2, 1)}
@@ -617,7 +619,7 @@ def test_rows_encoded_by_several_processes_or_spilled_to_disk_are_those_encoded_
     files = list(spill.rglob("*.bin"))
     assert len(files) == 1 and pixel_bytes <= files[0].stat().st_size < pixel_bytes + 8 * len(one)  # the 2nd's
     assert len(list(spill.iterdir())) == 1  # the first spill's folder is gone
-    for rows in (two, *spilled.values()):
+    for rows in (read_first, two, *spilled.values()):
         assert [r.row_id for r in rows] == [r.row_id for r in one] == [json.loads(line)["id"] for line in lines]
         for a, b in zip(one, rows):
             assert a.target_from == b.target_from and torch.equal(a.token_ids, b.token_ids)
@@ -629,6 +631,22 @@ def test_rows_encoded_by_several_processes_or_spilled_to_disk_are_those_encoded_
     storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for r in spilled[1]
                 for k, t in r.inputs.items() if k in data.PIXEL_KEYS}
     assert len(storages) == 1 and next(iter(storages))[1] == files[0].stat().st_size
+
+
+def test_a_bad_row_met_by_an_encoding_process_is_named(tmp_path):
+    """Rows are read by the processes that encode them; a bad one comes back as the `BadRow` it raised there."""
+    from vllm_flash import world
+    from vllm_flash.data import BadRow
+
+    recipe_mod = _load(ROOT / "benchmarks" / "world" / "train_target.py")
+    lines = world.write_split(tmp_path, "image_caption", "train", 3).read_text().splitlines()
+    row = json.loads(lines[1])
+    row["image"] = "gone.png"
+    lines[1] = json.dumps(row)
+    (tmp_path / "all.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(BadRow, match="missing image") as raised:
+        recipe_mod.encode_split(ROOT / "assets" / "world" / "target", tmp_path / "all.jsonl", 2)
+    assert raised.value.reason == "missing image" and "gone.png" in raised.value.detail
 
 
 def test_a_gpu_rounds_weights_come_back_in_parts_and_make_the_target_again(tmp_path):

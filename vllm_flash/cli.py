@@ -18,6 +18,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         overrides["num_latents"] = args.latents
     if args.fusion:
         overrides["fusion"] = args.fusion
+    overrides["slot_token_mixer"] = args.token_mixer
     draft = init_draft_for_target(args.target, **overrides)
     out = save_draft(draft, args.out)
     n = sum(p.numel() for p in draft.parameters())
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=4, help="draft tokens per pass (SAR block size)")
     p.add_argument("--latents", type=int, default=None, help="latent queries per image/frame (0: none)")
     p.add_argument("--fusion", choices=["gated", "linear"], default=None)
+    p.add_argument("--token-mixer", action=argparse.BooleanOptionalAction, default=True,
+                   help="each draft slot after the first also reads the token drafted before it")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init)
 
@@ -87,12 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--latents", type=int, default=36)
     p.add_argument("--fusion", choices=["gated", "linear"], default="gated")
+    p.add_argument("--token-mixer", action=argparse.BooleanOptionalAction, default=True,
+                   help="each draft slot after the first also reads the token drafted before it (see README)")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--steps", type=int, default=0, help="total steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=1000)
     p.add_argument("--noise", type=float, default=0.1, help="uniform input-feature noise (x feature std)")
+    p.add_argument("--ce-weight", type=float, default=None,
+                   help="weight of the soft cross-entropy against the target's tokens, beside the feature loss "
+                        "(default: TrainConfig's)")
     p.add_argument("--max-len", type=int, default=2048, help="longer samples are skipped and counted")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--resume", action="store_true", help="continue from OUT/trainer")

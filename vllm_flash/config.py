@@ -35,6 +35,7 @@ class FlashConfig(PretrainedConfig):
         num_latents: int = 36,
         fusion: str = "gated",
         slot_residual_gate: bool = False,
+        slot_token_mixer: bool = False,
         # The single decoder layer.
         num_attention_heads: int = 4,
         num_key_value_heads: int = 4,
@@ -58,6 +59,7 @@ class FlashConfig(PretrainedConfig):
         self.num_latents = num_latents
         self.fusion = fusion
         self.slot_residual_gate = slot_residual_gate
+        self.slot_token_mixer = slot_token_mixer
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads

@@ -37,6 +37,9 @@ class BadRow(Exception):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self):  # raised in an encoding worker, it comes back whole
+        return BadRow, (self.reason, self.detail)
+
 
 @dataclass
 class Conversation:
@@ -160,18 +163,51 @@ def _split_markers(text: str) -> list[str]:
     return out
 
 
-def read_conversations(path: str | Path, report: BadDataReport, image_root: str | Path | None = None
-                       ) -> Iterator[Conversation]:
+@dataclass(frozen=True)
+class RowLine:
+    """A JSONL row not read yet. Its media are decoded where it is read (`read`), so a list of these costs the
+    text alone: decoded, the world's 80000 training clips alone held about 14 GB."""
+    line: str
+    root: Path
+    number: int
+
+    def read(self) -> Conversation:
+        return parse_row(self.line, self.root, self.number)
+
+    def media_counts(self) -> tuple[int, int]:
+        """(images, videos) the row names, without decoding them; (0, 0) for a malformed row."""
+        try:
+            row = json.loads(self.line)
+        except json.JSONDecodeError:
+            return 0, 0
+        return (len(_as_list(row.get("image"))), len(_as_list(row.get("video")))) if isinstance(row, dict) else (0, 0)
+
+
+def row_lines(path: str | Path, image_root: str | Path | None = None) -> list[RowLine]:
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield parse_row(line, root, number)
-            except BadRow as bad:
-                report.add(bad.reason, bad.detail)
+    return [RowLine(line, root, number) for number, line in enumerate(path.read_text().splitlines(), 1)
+            if line.strip()]
+
+
+def read_conversations(path: str | Path, report: BadDataReport, image_root: str | Path | None = None
+                       ) -> Iterator[Conversation]:
+    """The usable rows, read one at a time as they are asked for; the others counted in `report`."""
+    for row in row_lines(path, image_root):
+        try:
+            yield row.read()
+        except BadRow as bad:
+            report.add(bad.reason, bad.detail)
+
+
+def media_limits(rows) -> dict:
+    """The most images and videos any one of `rows` (conversations or `RowLine`s) holds: vLLM's
+    `limit_mm_per_prompt` for them."""
+    limits = {"image": 1, "video": 1}
+    for row in rows:
+        images, videos = row.media_counts() if isinstance(row, RowLine) else (len(row.images), len(row.videos))
+        limits = {"image": max(limits["image"], images), "video": max(limits["video"], videos)}
+    return limits
 
 
 def first_question(conv: Conversation, processor) -> str:
@@ -281,10 +317,11 @@ MAX_CHUNK_ROWS = 500  # rows a worker of `encode_all` encodes and sends back at 
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 
 
-def encode_all(target: str | Path, conversations: list[Conversation], max_len: int, workers: int = 1,
+def encode_all(target: str | Path, conversations: list[Conversation | RowLine], max_len: int, workers: int = 1,
                pixel_dtype: torch.dtype | None = None, spill: Path | None = None) -> list[Encoded]:
     """`encode` every conversation with `target`'s processor, in order, by `workers` processes, with the pixels
-    cast to `pixel_dtype` where given (a row that cannot be encoded raises).
+    cast to `pixel_dtype` where given (a row that cannot be encoded raises). `RowLine`s are read by the process
+    that encodes them, so that this one never holds their decoded media.
 
     With `spill`, a folder, the pixels are written to files there as they are encoded, and the rows hold
     copy-on-write memory maps of them: the kernel reads the pages as training needs them and may drop them
@@ -368,6 +405,8 @@ def _encode_chunk(job: tuple) -> list[Encoded]:
     with contextlib.ExitStack() as stack:
         spill_file = stack.enter_context(open(spill_path, "wb")) if spill_path else None
         for conversation in conversations:
+            if isinstance(conversation, RowLine):
+                conversation = conversation.read()
             row = encode(conversation, processor, facts, max_len)
             for key in PIXEL_KEYS:
                 if key in row.inputs:

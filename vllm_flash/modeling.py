@@ -94,6 +94,22 @@ class Fusion(nn.Module):
         return self.fc(x)
 
 
+class TokenMixer(nn.Module):
+    """Slot i's feature corrected by the token drafted at slot i-1, fused with it as the input fusion fuses
+    (embedding; feature), then projected back. The projection starts at zero: a fresh mixer changes nothing.
+    The SAR pass cannot see earlier slots' tokens (they are drafted after it); this runs after it, slot by slot,
+    at the cost of two small matrix products per slot."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.fusion = Fusion(hidden, "gated")
+        self.out = nn.Linear(hidden, hidden, bias=False)
+        nn.init.zeros_(self.out.weight)
+
+    def forward(self, features: torch.Tensor, previous_embeds: torch.Tensor) -> torch.Tensor:
+        return features + self.out(self.fusion(previous_embeds, features))
+
+
 class LatentCompressor(nn.Module):
     """F^_V = softmax(Q F_V^T / sqrt(d)) F_V with C learnable queries, applied per image or video frame."""
 
@@ -234,6 +250,7 @@ class FlashDraft(nn.Module):
         self.compressor = LatentCompressor(config.num_latents, d) if config.num_latents > 0 else None
         self.slot_embedding = nn.Parameter(torch.randn(k - 1, d) * 0.02)
         self.slot_gate = nn.Parameter(torch.ones(k - 1)) if config.slot_residual_gate else None
+        self.token_mixer = TokenMixer(d) if getattr(config, "slot_token_mixer", False) else None
         self.layer = DraftLayer(config)
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.register_buffer("embed_weight", torch.empty(0), persistent=False)
@@ -274,7 +291,19 @@ class FlashDraft(nn.Module):
 
         next_ids: (B, T) token t+1 at position t; features: (B, T, d) target features at t;
         frames: visual runs in the flattened (B*T) token axis. Returns predicted features (B, T, K, d).
+        With a token mixer, slot i reads the token t+1+i, the one slot i-1 should draft: its draft is used only
+        when every slot before it was accepted, that is, drafted exactly the target's tokens.
         """
+        out = self.slot_features(next_ids, features, frames, k)
+        k = out.shape[2]
+        if self.token_mixer is None or k == 1:
+            return out
+        previous = torch.stack([F.pad(next_ids[:, i:], (0, i)) for i in range(1, k)], dim=2)  # (B, T, K-1)
+        return torch.cat([out[:, :, :1], self.token_mixer(out[:, :, 1:], self.embed(previous))], dim=2)
+
+    def slot_features(self, next_ids: torch.Tensor, features: torch.Tensor,
+                      frames: VisualFrames | None = None, k: int | None = None) -> torch.Tensor:
+        """The SAR pass alone: (B, T, K, d), no slot reading an earlier slot's token."""
         k = k or self.config.num_speculative_tokens
         b, t, d = features.shape
         positions = torch.arange(t, device=features.device).expand(b, t).reshape(-1)
@@ -293,8 +322,27 @@ class FlashDraft(nn.Module):
                      frames: VisualFrames | None = None, k: int | None = None) -> torch.Tensor:
         """Logits (K, V) of the K draft tokens proposed after the last position of one sequence.
         next_ids: (T,), features: (T, d)."""
-        predicted = self.forward(next_ids[None], features[None], frames, k)
-        return self.logits(predicted[0, -1])
+        slots = self.slot_features(next_ids[None], features[None], frames, k)[0, -1:]
+
+        def greedy(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.logits(h)
+            return logits.argmax(-1), logits
+
+        return torch.cat(self.decode_slots(slots, self.embed, greedy)[1])
+
+    def decode_slots(self, slots: torch.Tensor, embed, sample) -> tuple[torch.Tensor, list]:
+        """The K draft tokens of N blocks from their SAR-pass features `slots` (N, K, d): slot by slot, each
+        read by the token mixer (if any) with the token drafted before it. `sample(features (N, d))` returns
+        (tokens (N,), anything kept per slot); `embed` maps tokens to embeddings. Returns (tokens (N, K), kept)."""
+        tokens, kept = [], []
+        for i in range(slots.shape[1]):
+            h = slots[:, i]
+            if i and self.token_mixer is not None:
+                h = self.token_mixer(h, embed(tokens[-1]).to(h.dtype))
+            token, extra = sample(h)
+            tokens.append(token)
+            kept.append(extra)
+        return torch.stack(tokens, dim=1), kept
 
     def propose(self, next_ids: torch.Tensor, features: torch.Tensor,
                 frames: VisualFrames | None = None, k: int | None = None) -> torch.Tensor:
@@ -310,7 +358,7 @@ class FlashLoss:
 
 
 def flash_loss(draft: FlashDraft, predicted: torch.Tensor, target_features: torch.Tensor,
-               target_mask: torch.Tensor, input_mask: torch.Tensor, ce_weight: float = 0.1) -> FlashLoss:
+               target_mask: torch.Tensor, input_mask: torch.Tensor, ce_weight: float) -> FlashLoss:
     """SmoothL1(predicted, target feature) + ce_weight * soft cross-entropy against the target's token
     distribution, over the K slots. Slot i at position t is scored when position t is a text input
     (input_mask) and position t+1+i is a prediction target (target_mask)."""

@@ -7,6 +7,8 @@ draft tokens. FLASH changes three things about the inputs, and nothing else:
   work (vLLM's parallel drafting otherwise reads the target's 3-D positions and refuses M-RoPE);
 - slot inputs: slot i is its anchor's hidden input plus a learned slot embedding (`slot_index`);
 - visual context: each image / video frame in the chunk is compressed to C latents (`frames`).
+A draft with a token mixer also changes how its K draft tokens are sampled: slot by slot, each slot's features
+corrected by the token drafted before it (`_sample_draft_tokens`).
 """
 from __future__ import annotations
 
@@ -80,6 +82,23 @@ class FlashProposer(EagleProposer):
         kwargs, size = super().build_model_inputs_first_pass(num_tokens, num_input_tokens, mm_embed_inputs)
         kwargs.update(self._flash_inputs)
         return kwargs, size
+
+    def _sample_draft_tokens(self, hidden_states: torch.Tensor, sampling_metadata) -> tuple[torch.Tensor, Any]:
+        draft = self.model.draft
+        if draft.token_mixer is None or self.num_speculative_tokens == 1:
+            return super()._sample_draft_tokens(hidden_states, sampling_metadata)
+        greedy = not self._enable_probabilistic_draft_probs or sampling_metadata.all_greedy
+
+        def sample(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            logits = self.model.compute_logits(h)
+            # sampled slot by slot, each token's probabilities are those it was drawn from, given the tokens
+            # drafted before it: what the rejection sampler needs to keep the target's distribution
+            return (logits.argmax(dim=-1), None) if greedy else self._sample_from_logits(logits, sampling_metadata)
+
+        # the sampled rows are request-major: K consecutive slots per request
+        slots = hidden_states.view(-1, self.num_speculative_tokens, hidden_states.shape[-1])
+        tokens, probs = draft.decode_slots(slots, self.model.embed_input_ids, sample)
+        return tokens.reshape(-1), None if greedy else torch.stack(probs, dim=1).flatten(0, 1)
 
     def _chunk_frames(self, cad: CommonAttentionMetadata) -> VisualFrames | None:
         """Visual frames overlapping this step's tokens, as runs in the drafter's (expanded) token axis."""

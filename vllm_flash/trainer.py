@@ -14,13 +14,14 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
 from .checkpoint import load_target_config, load_target_head, save_draft
 from .config import FlashConfig, target_facts
 from .data import BadDataReport, Conversation, FeatureShards, ShardWriter, encode_or_report, hf_features, \
-    read_conversations, vllm_request
+    media_limits, read_conversations, row_lines, vllm_request
 from .modeling import FlashDraft
 from .train import TrainConfig, fit
 
@@ -42,33 +43,45 @@ def preflight(out: Path) -> None:
                          f"need at least {MIN_FREE_BYTES / 2**20:.0f} MiB for features and checkpoints")
 
 
-def regenerate_answers(target: Path, conversations: list[Conversation], processor, max_tokens: int
-                       ) -> list[Conversation]:
-    """Replace each conversation's answer by the target's own greedy answer to its first question (batched
-    through vLLM)."""
+REGENERATE_CHUNK = 512  # requests handed to vLLM at a time: only their decoded media are held at once
+
+
+def target_answers(target: Path, conversations: Iterable[Conversation], processor, max_tokens: int,
+                   limits: dict) -> list[tuple[str, list[int]]]:
+    """The target's own greedy answer (text, token ids) to each conversation's first question, through vLLM, a
+    chunk of requests at a time. `limits`: vLLM's `limit_mm_per_prompt` (`media_limits`)."""
     import gc
+    import itertools
 
     from vllm import LLM, SamplingParams
 
-    requests = [vllm_request(conv, processor) for conv in conversations]
     # On CPU serve in float32, as the benchmarks and tests do: bf16 weights would otherwise run in bf16 there
     # and their greedy answers could differ from the ones the draft is later served against.
     llm = LLM(model=str(target), enforce_eager=True, seed=0, max_model_len=4096, enable_prefix_caching=False,
-              dtype="auto" if torch.cuda.is_available() else "float32",
-              limit_mm_per_prompt={"image": max([len(c.images) for c in conversations] + [1]),
-                                   "video": max([len(c.videos) for c in conversations] + [1])})
-    outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+              dtype="auto" if torch.cuda.is_available() else "float32", limit_mm_per_prompt=limits)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    answers = []
+    conversations = iter(conversations)
+    while chunk := list(itertools.islice(conversations, REGENERATE_CHUNK)):
+        outputs = llm.generate([vllm_request(conv, processor) for conv in chunk], params)
+        answers += [(out.outputs[0].text, list(out.outputs[0].token_ids)) for out in outputs]
     del llm
     gc.collect()
-    regenerated = []
-    for conv, out in zip(conversations, outputs):
-        first_answer = next(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
-        answer = out.outputs[0].text
-        messages = conv.messages[:first_answer] + [{"role": "assistant",
-                                                    "content": [{"type": "text", "text": answer}]}]
-        regenerated.append(Conversation(conv.row_id, messages, conv.images, conv.videos, [answer],
-                                        answer_token_ids=list(out.outputs[0].token_ids)))
-    return regenerated
+    return answers
+
+
+def with_answer(conv: Conversation, text: str, token_ids: list[int]) -> Conversation:
+    """`conv` up to its first answer, answered with `text` (`token_ids`, exactly as the target produced them)."""
+    first_answer = next(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
+    messages = conv.messages[:first_answer] + [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+    return Conversation(conv.row_id, messages, conv.images, conv.videos, [text], answer_token_ids=token_ids)
+
+
+def regenerate_answers(target: Path, conversations: list[Conversation], processor, max_tokens: int
+                       ) -> list[Conversation]:
+    """Each conversation answered by the target itself (`target_answers`)."""
+    answers = target_answers(target, conversations, processor, max_tokens, media_limits(conversations))
+    return [with_answer(conv, *answer) for conv, answer in zip(conversations, answers)]
 
 
 # Bump when what a feature directory holds changes meaning, so older directories are refused, not reused.
@@ -87,15 +100,22 @@ def extract_features(target: Path, data: Path, feature_dir: Path, *, max_len: in
     report = BadDataReport()
     processor = AutoProcessor.from_pretrained(str(target))
     facts = target_facts(load_target_config(target))
-    conversations = list(read_conversations(data, report, image_root))
-    if regenerate and conversations:
-        conversations = regenerate_answers(target, conversations, processor, regenerate_tokens)
+    rows = row_lines(data, image_root)
+    answers = None
+    if regenerate and rows:
+        # a pass of its own, keeping the answers alone: the vLLM engine is gone before the HF model loads, and
+        # the rows' media are read again below rather than held (the same usable rows, in the same order)
+        answers = iter(target_answers(target, read_conversations(data, BadDataReport(), image_root), processor,
+                                      regenerate_tokens, media_limits(rows)))
     # On a GPU the target runs in bf16 (as it is served); on CPU in fp32.
     gpu = torch.cuda.is_available()
     model = AutoModelForImageTextToText.from_pretrained(
         str(target), dtype=torch.bfloat16 if gpu else torch.float32).eval().to("cuda" if gpu else "cpu")
     writer = ShardWriter(feature_dir, dtype=feature_dtype)
-    for conv in tqdm(conversations, desc="features", disable=not progress, dynamic_ncols=True):
+    for conv in tqdm(read_conversations(data, report, image_root), desc="features", total=len(rows),
+                     disable=not progress, dynamic_ncols=True):
+        if answers is not None:
+            conv = with_answer(conv, *next(answers))
         encoded = encode_or_report(conv, processor, facts, max_len, report)
         if encoded is None:
             continue
@@ -158,14 +178,16 @@ def run_train(args) -> int:
     samples = FeatureShards(feature_dir)
     target_config = load_target_config(target)
     config = FlashConfig.for_target(target_config, num_speculative_tokens=args.k, num_latents=args.latents,
-                                    fusion=args.fusion)
+                                    fusion=args.fusion, slot_token_mixer=args.token_mixer)
     torch.manual_seed(args.seed)
     draft = FlashDraft(config)
     draft.attach_target_head(*load_target_head(target))
     draft.to(device)
     steps = args.steps or args.epochs * math.ceil(len(samples) / args.batch_size)
     cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=min(args.warmup, steps // 10),
-                      feature_noise=args.noise, seed=args.seed, bf16=args.dtype == "bf16")
+                      feature_noise=args.noise, seed=args.seed,
+                      ce_weight=TrainConfig.ce_weight if args.ce_weight is None else args.ce_weight,
+                      bf16=args.dtype == "bf16")
     meta = {"target": str(target.resolve()), "draft_config": config.to_diff_dict()}
     meta["draft_config"].pop("training", None)
     mode = "a" if args.resume else "w"
@@ -184,7 +206,7 @@ def run_train(args) -> int:
             return 0
     draft.config.training = {"data": str(args.data), "samples": len(samples), "bad_rows": bad_rows,
                              "regenerate": bool(args.regenerate), "steps": steps, "batch_size": args.batch_size,
-                             "lr": args.lr, "seed": args.seed, "final_loss": losses[-1] if losses else None,
+                             "lr": args.lr, "ce_weight": cfg.ce_weight, "seed": args.seed, "final_loss": losses[-1] if losses else None,
                              "target": str(target.resolve())}
     save_draft(draft.to("cpu"), out)
     print(f"exported FLASH draft to {out} (final loss {losses[-1]:.4f}); "
