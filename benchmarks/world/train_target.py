@@ -155,6 +155,10 @@ class Recipe:
     # 4. Twice those again, 8000 steps at 2e-4 (its loss was near zero again): 94.5%, 92% (43 of 47), 81.5% (268;
     #    on 600 held out 94.7%, 92.8%, 77.3%): what ships. 0.34 s a step (46 min); its 96000 rows' pixels are
     #    held on disk (`encode_split`'s spill), in memory they ran 24 GiB out.
+    # 5. Twice those again (64000 / 80000 rows, 12000 steps at 2e-4) was started and stopped at step 1200 for want
+    #    of time: 0.42 s a step here (the fourth took 0.34 on another machine; whether its 28 GB of spilled pixels,
+    #    more than the page cache holds, slowed it was not measured), about 85 min before the drafts, bench and
+    #    checks that shipping it needs. Not in the recipe.
     recount_rounds: tuple = ((1500, 1e-3, {"visual_qa": 24000}, COUNT_HEAVY),
                              (6000, 3e-4, {"image_caption": 8000, "video_caption": 10000}, KEEP_COUNT_HEAVY),
                              (6000, 2e-4, {"image_caption": 16000, "video_caption": 20000}, KEEP_COUNT_HEAVY),
@@ -257,8 +261,8 @@ def encode_split(target: Path, jsonl: Path, workers: int = 1, spill: Path | None
     the served bf16 target reads them: at 26000 rows the fp32 pixels (about 17 GB, estimated from their shapes)
     beside the deep model's training ran out of 24 GiB. With `spill`, a folder, they are held on disk there
     and mapped (`encode_all`). The rows are read (their media decoded) by the processes that encode them: read
-    here first, the 168000 rows of a fifth recount round (twice the fourth's) held 16 GB of decoded images and clips. A bad
-    row raises `BadRow`, naming it."""
+    here first, the 168000 rows of a fifth recount round (twice the fourth's) held 16 GB of decoded images and
+    clips. A bad row raises `BadRow`, naming it."""
     return encode_all(target, row_lines(jsonl), max_len=1024, workers=workers, pixel_dtype=torch.bfloat16,
                       spill=spill)
 
