@@ -94,7 +94,9 @@ def main() -> None:
             build_tiny_target("qwen2_5_vl", target, **shape)
         draft = work / f"draft-{tag}"
         torch.manual_seed(0)
-        save_draft(init_draft_for_target(target, num_speculative_tokens=args.k, num_latents=4), draft)
+        # shaped as `vllm-flash train` makes drafts: with a token mixer (its cost is in the proposer call)
+        save_draft(init_draft_for_target(target, num_speculative_tokens=args.k, num_latents=4,
+                                         slot_token_mixer=True), draft)
         row = {"target": name, "k": args.k, **measure(target, draft, args.k, args.steps)}
         rows.append(row)
         print(json.dumps(row), flush=True)

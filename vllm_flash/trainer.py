@@ -206,8 +206,8 @@ def run_train(args) -> int:
             return 0
     draft.config.training = {"data": str(args.data), "samples": len(samples), "bad_rows": bad_rows,
                              "regenerate": bool(args.regenerate), "steps": steps, "batch_size": args.batch_size,
-                             "lr": args.lr, "ce_weight": cfg.ce_weight, "seed": args.seed, "final_loss": losses[-1] if losses else None,
-                             "target": str(target.resolve())}
+                             "lr": args.lr, "ce_weight": cfg.ce_weight, "seed": args.seed,
+                             "final_loss": losses[-1] if losses else None, "target": str(target.resolve())}
     save_draft(draft.to("cpu"), out)
     print(f"exported FLASH draft to {out} (final loss {losses[-1]:.4f}); "
           f"serve it with speculative_config={{'method': 'flash', 'model': '{out}'}}")

@@ -141,7 +141,7 @@ def ship(world: Path, assets: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world", default=str(ROOT / "build" / "world"), help="train_target.py's output folder")
-    p.add_argument("--rows", type=int, default=3000, help="training rows the drafts learn from, as many per task")
+    p.add_argument("--rows", type=int, default=6000, help="training rows the drafts learn from, as many per task")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
