@@ -184,6 +184,7 @@ def test_training_raises_tau_in_vllm_and_the_export_is_lossless(qwen_target, tmp
                  "--warmup", "10", "--noise", "0", "--save-every", "100"]) == 0
     trained = load_draft(out)
     assert trained.config.training["samples"] == 16 and trained.config.training["regenerate"]
+    assert trained.token_mixer is not None and trained.token_mixer.out.weight.abs().sum() > 0  # on, and trained
     torch.manual_seed(0)
     save_draft(init_draft_for_target(qwen_target, num_latents=4), tmp_path / "untrained")
     requests, limits, _ = requests_from_data(str(qwen_target), str(data))
