@@ -176,6 +176,12 @@ def test_token_mixer_at_inference_reads_the_drafted_tokens_as_training_reads_the
                                without.draft_logits(next_ids[0], features[0], frames))
 
 
+def test_a_k1_draft_gets_no_token_mixer():
+    assert make_draft(k=1, slot_token_mixer=True).token_mixer is None  # no slot after the first to correct
+    assert not make_draft(k=1, slot_token_mixer=True).config.slot_token_mixer
+    assert make_draft(k=2, slot_token_mixer=True).token_mixer is not None
+
+
 def test_loss_falls_when_overfitting_a_tiny_batch():
     draft = make_draft()
     # A peaked LM head: soft cross-entropy is bounded below by the target distribution's entropy.

@@ -18,7 +18,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         overrides["num_latents"] = args.latents
     if args.fusion:
         overrides["fusion"] = args.fusion
-    overrides["slot_token_mixer"] = args.token_mixer and args.k > 1  # K = 1 has no slot after the first
+    overrides["slot_token_mixer"] = args.token_mixer
     draft = init_draft_for_target(args.target, **overrides)
     out = save_draft(draft, args.out)
     n = sum(p.numel() for p in draft.parameters())

@@ -59,7 +59,8 @@ class FlashConfig(PretrainedConfig):
         self.num_latents = num_latents
         self.fusion = fusion
         self.slot_residual_gate = slot_residual_gate
-        self.slot_token_mixer = slot_token_mixer
+        # K = 1 has no slot after the first for a token mixer to correct
+        self.slot_token_mixer = bool(slot_token_mixer) and num_speculative_tokens > 1
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads

@@ -250,7 +250,7 @@ class FlashDraft(nn.Module):
         self.compressor = LatentCompressor(config.num_latents, d) if config.num_latents > 0 else None
         self.slot_embedding = nn.Parameter(torch.randn(k - 1, d) * 0.02)
         self.slot_gate = nn.Parameter(torch.ones(k - 1)) if config.slot_residual_gate else None
-        self.token_mixer = TokenMixer(d) if getattr(config, "slot_token_mixer", False) else None
+        self.token_mixer = TokenMixer(d) if config.slot_token_mixer else None
         self.layer = DraftLayer(config)
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.register_buffer("embed_weight", torch.empty(0), persistent=False)

@@ -177,9 +177,8 @@ def run_train(args) -> int:
         torch.distributed.barrier()
     samples = FeatureShards(feature_dir)
     target_config = load_target_config(target)
-    # K = 1 has no slot after the first for a token mixer to correct
     config = FlashConfig.for_target(target_config, num_speculative_tokens=args.k, num_latents=args.latents,
-                                    fusion=args.fusion, slot_token_mixer=args.token_mixer and args.k > 1)
+                                    fusion=args.fusion, slot_token_mixer=args.token_mixer)
     torch.manual_seed(args.seed)
     draft = FlashDraft(config)
     draft.attach_target_head(*load_target_head(target))
