@@ -335,17 +335,19 @@ def encode_all(target: str | Path, conversations: list[Conversation | RowLine], 
         for old in spill.glob("encoded-*"):
             shutil.rmtree(old)
         spill_to = Path(tempfile.mkdtemp(prefix="encoded-", dir=spill))
-    if workers <= 1 or len(conversations) < 2:
-        return _map_spilled(_encode_chunk((str(target), conversations, max_len, pixel_dtype,
-                                           spill_to and spill_to / "pixels-00000.bin")))
+    # a few chunks per process, so that none waits on the last, and none so large that its blob (held by the
+    # worker while sent, and by this process while read) weighs more than a few hundred MB. One process encodes
+    # in chunks too, each spilled to a file of its own: its copy-on-write map is committed memory, and the kernel
+    # (heuristic overcommit) refuses a single map larger than the machine's memory (the 176000 rows of a fifth
+    # recount round spilled 28 GB into one file, and mapping it on a 24 GiB machine failed with ENOMEM).
+    size = min(-(-len(conversations) // (workers * 8)), MAX_CHUNK_ROWS) if workers > 1 else MAX_CHUNK_ROWS
+    chunks = [(str(target), conversations[i:i + size], max_len, pixel_dtype,
+               spill_to and spill_to / f"pixels-{i // size:05d}.bin") for i in range(0, len(conversations), size)]
+    if workers <= 1 or len(chunks) < 2:
+        return _map_spilled([row for chunk in chunks for row in _encode_chunk(chunk)])
     import multiprocessing
     import pickle
 
-    # a few chunks per process, so that none waits on the last, and none so large that its blob (held by the
-    # worker while sent, and by this process while read) weighs more than a few hundred MB
-    size = min(-(-len(conversations) // (workers * 8)), MAX_CHUNK_ROWS)
-    chunks = [(str(target), conversations[i:i + size], max_len, pixel_dtype,
-               spill_to and spill_to / f"pixels-{i // size:05d}.bin") for i in range(0, len(conversations), size)]
     # a chunk comes back as one pickled blob of our own rows: sent as tensors, tens of thousands of rows would
     # each hold a shared-memory file open at once
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
