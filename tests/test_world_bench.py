@@ -276,6 +276,11 @@ def test_accuracy_scores_the_split_it_is_asked_about(monkeypatch):
     kinds = Counter(world.question_kind(world.example("visual_qa", world.SPLIT_SEEDS["train"] + i)["question"])
                     for i in range(rows))
     assert on_train["visual_qa"]["exact_by_question"] == {k: f"{n}/{n}" for k, n in sorted(kinds.items())}
+    for task in world.TASKS:  # every row right, counted once: in the colour-shared group or the other
+        shared = sum(world.shares_a_colour(world.example(task, world.SPLIT_SEEDS["train"] + i)["scenes"])
+                     for i in range(rows))
+        assert on_train[task]["exact_when_a_colour_is_shared"] == f"{shared}/{shared}"
+        assert on_train[task]["exact_otherwise"] == f"{rows - shared}/{rows - shared}"
     held_out = recipe_mod.heldout_accuracy(Path("unused"), rows, 84)
     assert all(held_out[task]["exact_match"] < 1.0 for task in world.TASKS)
 

@@ -222,6 +222,14 @@ def example(task: str, seed: int, clip_grammar: str = "destination") -> dict:
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 
+def shares_a_colour(scenes: list[list[Obj]]) -> bool:
+    """Whether objects of two shapes share a colour anywhere in an example's scenes. A clip's event sentences
+    ("The blue circle moves to ...") then tell them apart by shape alone: which of the two moved is what the
+    shipped target gets wrong most often (benchmarks/world/README.md)."""
+    kinds = {(o.color, o.shape) for scene in scenes for o in scene}
+    return len({color for color, _ in kinds}) < len(kinds)
+
+
 SPLIT_SEEDS = {"train": 0, "heldout": 1_000_000}  # disjoint seed ranges
 
 

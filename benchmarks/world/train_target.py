@@ -769,7 +769,8 @@ def heldout_accuracy(target: Path, per_task: int, image_size: int, max_tokens: i
     the share of greedy answers exactly equal to the world's reference, the share of reference words
     reproduced in place (a softer measure: one wrong colour costs one word, not the whole caption), and, per
     sentence kind (what is wrong: an object, a relation, an event), the reference sentences missing from the
-    answers and the answers' sentences that are not in the reference; for questions, also the exact matches per
+    answers and the answers' sentences that are not in the reference; the exact matches where objects of two
+    shapes share a colour (`world.shares_a_colour`) and elsewhere; for questions, also the exact matches per
     kind of question. With `split="train"` it scores the first training rows (in every round) instead: a target
     as wrong there as on the held-out rows is under-fitted, and more distinct rows will not mend it."""
     from vllm import LLM, SamplingParams
@@ -787,11 +788,16 @@ def heldout_accuracy(target: Path, per_task: int, image_size: int, max_tokens: i
         exact, words, total = 0, 0, 0
         missed, extra, sentences = Counter(), Counter(), Counter()
         asked, right = Counter(), Counter()  # per kind of question
+        shared, shared_right = Counter(), Counter()  # by whether objects of two shapes share a colour
         for i, (out, (_, reference)) in enumerate(zip(outputs, pairs)):
             got, ref = out.outputs[0].text.strip().split(), reference.split()
             exact += got == ref
+            row = world.example(task, world.SPLIT_SEEDS[split] + i)
+            colour_shared = world.shares_a_colour(row["scenes"])
+            shared[colour_shared] += 1
+            shared_right[colour_shared] += got == ref
             if task == "visual_qa":
-                kind = world.question_kind(world.example(task, world.SPLIT_SEEDS[split] + i)["question"])
+                kind = world.question_kind(row["question"])
                 asked[kind] += 1
                 right[kind] += got == ref
             words += sum(a == b for a, b in zip(got, ref))
@@ -801,7 +807,9 @@ def heldout_accuracy(target: Path, per_task: int, image_size: int, max_tokens: i
             sentences += Counter(map(world.sentence_kind, world.sentences(reference)))
         accuracy[task] = {"exact_match": round(exact / per_task, 3), "word_accuracy": round(words / total, 3),
                           "missed_sentences": {kind: f"{missed[kind]}/{n}" for kind, n in sentences.items()},
-                          "extra_sentences": dict(extra)}
+                          "extra_sentences": dict(extra),
+                          "exact_when_a_colour_is_shared": f"{shared_right[True]}/{shared[True]}",
+                          "exact_otherwise": f"{shared_right[False]}/{shared[False]}"}
         if asked:
             accuracy[task]["exact_by_question"] = {kind: f"{right[kind]}/{n}" for kind, n in sorted(asked.items())}
     return accuracy
