@@ -276,7 +276,7 @@ def wrong_sentences(output: str, reference: str) -> tuple[Counter, Counter]:
             Counter(sentence_kind(s, strict=False) for s in (said - meant).elements()))
 
 
-def _write_row(job: tuple) -> str:
+def write_row(job: tuple) -> str:
     """One row of `write_split`: its media written under `out`, its JSONL line returned."""
     out, task, split, i, image_size = job
     ex = example(task, SPLIT_SEEDS[split] + i)
@@ -308,9 +308,9 @@ def write_split(out_dir: str | Path, task: str, split: str, n: int, image_size: 
         import multiprocessing
 
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            rows = pool.map(_write_row, jobs, chunksize=max(1, n // (8 * workers)))
+            rows = pool.map(write_row, jobs, chunksize=max(1, n // (8 * workers)))
     else:
-        rows = [_write_row(job) for job in jobs]
+        rows = [write_row(job) for job in jobs]
     path = out / f"{task}-{split}.jsonl"
     path.write_text("\n".join(rows) + "\n")
     return path
