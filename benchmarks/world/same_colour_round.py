@@ -31,12 +31,13 @@ from vllm_flash.data import RowLine, encode_all, row_lines  # noqa: E402
 ROWS = {"video_caption": 80000, "visual_qa": 24000, "image_caption": 16000}
 
 
+def same_colour_clip(index: int) -> bool:
+    return world.shares_a_colour(world.example("video_caption", world.SPLIT_SEEDS["train"] + index)["scenes"])
+
+
 def chosen(row_id: str) -> bool:
     task, _, index = tt.parse_row_id(row_id)
-    if index >= ROWS[task]:
-        return False
-    return task != "video_caption" or \
-        world.shares_a_colour(world.example(task, world.SPLIT_SEEDS["train"] + index)["scenes"])
+    return index < ROWS[task] and (task != "video_caption" or same_colour_clip(index))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.new_clips:  # rows no round has seen: the recipe writes only the first 80000 clips
         data = out / "data"
         (data / "video_caption-train").mkdir(parents=True, exist_ok=True)
-        new = [i for i in range(first, first + args.new_clips)
-               if world.shares_a_colour(world.example("video_caption", world.SPLIT_SEEDS["train"] + i)["scenes"])]
+        new = [i for i in range(first, first + args.new_clips) if same_colour_clip(i)]
         lines += [RowLine(world.write_row((data, "video_caption", "train", i, recipe.image_size)), data, n)
                   for n, i in enumerate(new, 1)]
     print("rows", Counter(tt.parse_row_id(json.loads(row.line)["id"])[0] for row in lines), flush=True)
