@@ -29,13 +29,14 @@ def any_target(request):
     return request.getfixturevalue("qwen_target" if request.param == "qwen2_5_vl" else "llava_target")
 
 
-def _write_random_draft(target, out, k=4, latents=4, seed=0, mixer=False):
+def _write_random_draft(target, out, k=4, latents=4, seed=0, mixer=False, layers=None):
     import torch
 
     from vllm_flash.checkpoint import init_draft_for_target, save_draft
 
     torch.manual_seed(seed)
-    draft = init_draft_for_target(target, num_speculative_tokens=k, num_latents=latents, slot_token_mixer=mixer)
+    draft = init_draft_for_target(target, num_speculative_tokens=k, num_latents=latents, slot_token_mixer=mixer,
+                                  target_layer_ids=layers)
     if mixer:
         with torch.no_grad():
             draft.token_mixer.out.weight.normal_(0, 0.3)  # a fresh mixer changes nothing
@@ -50,6 +51,12 @@ def qwen_random_draft(qwen_target, tmp_path_factory):
 @pytest.fixture(scope="session")
 def qwen_random_mixer_draft(qwen_target, tmp_path_factory):
     return _write_random_draft(qwen_target, tmp_path_factory.mktemp("drafts") / "qwen_random_mixer", mixer=True)
+
+
+@pytest.fixture(scope="session")
+def qwen_random_layers_draft(qwen_target, tmp_path_factory):
+    """Reads the states after both of the tiny target's layers (EAGLE-3-style features), not its final ones."""
+    return _write_random_draft(qwen_target, tmp_path_factory.mktemp("drafts") / "qwen_random_layers", layers=[1, 2])
 
 
 @pytest.fixture(scope="session")

@@ -43,11 +43,13 @@ def baselines(qwen_target, llava_target):
             for kind, target in (("qwen2_5_vl", qwen_target), ("llava", llava_target))}
 
 
-@pytest.mark.parametrize("kind,k,mixer", [(kind, k, False) for kind in ("qwen2_5_vl", "llava") for k in (1, 2, 4)]
-                         + [("qwen2_5_vl", 4, True)])
-def test_greedy_flash_equals_plain_vllm(kind, k, mixer, baselines, request):
+@pytest.mark.parametrize("kind,k,variant", [(kind, k, "") for kind in ("qwen2_5_vl", "llava") for k in (1, 2, 4)]
+                         + [("qwen2_5_vl", 4, "mixer"), ("qwen2_5_vl", 4, "layers")])
+def test_greedy_flash_equals_plain_vllm(kind, k, variant, baselines, request):
+    """variant: "mixer", a token mixer; "layers", a draft reading several target layers (the runner's aux
+    hidden states)."""
     target = request.getfixturevalue("qwen_target" if kind == "qwen2_5_vl" else "llava_target")
-    draft = request.getfixturevalue("qwen_random_mixer_draft" if mixer else
+    draft = request.getfixturevalue(f"qwen_random_{variant}_draft" if variant else
                                     "qwen_random_draft" if kind == "qwen2_5_vl" else "llava_random_draft")
     outputs, metrics = run(target, draft, k, kind)
     assert outputs == baselines[kind]

@@ -205,9 +205,14 @@ def test_loss_falls_when_overfitting_a_tiny_batch():
     assert all(c > 0 for c in result.slot_count)
 
 
-def test_save_load_round_trip_is_bit_identical(tmp_path):
-    draft = make_draft(slot_residual_gate=True)
+@pytest.mark.parametrize("layers", [None, [1, 3]])
+def test_save_load_round_trip_is_bit_identical(tmp_path, layers):
+    """With `layers` the draft reads two target layers' states, concatenated, and combines them first."""
+    draft = make_draft(slot_residual_gate=True, target_layer_ids=layers, target_num_hidden_layers=4)
     next_ids, features, frames = sample_batch("video", b=1)
+    if layers:
+        features = torch.cat([features, -features], dim=-1)
+        assert draft.feature_combiner.proj.weight.shape == (HIDDEN, 2 * HIDDEN)
     save_draft(draft, tmp_path / "d")
     loaded = load_draft(tmp_path / "d")
     loaded.attach_target_head(draft.embed_weight, draft.lm_head_weight)
@@ -263,6 +268,12 @@ def test_config_validation_errors_name_field_and_values(qwen_target):
         assert message in str(err.value), (field, str(err.value))
     with pytest.raises(FlashConfigError, match="num_speculative_tokens: requested 6, but the draft has 4"):
         validate_against_target(good, target, num_speculative_tokens=6)
+    layered = FlashConfig.for_target(target, num_latents=4, target_layer_ids=[1, 2])
+    validate_against_target(layered, target)
+    assert layered.eagle_aux_hidden_state_layer_ids == [1, 2]  # the key vLLM's runner reads the layers from
+    deeper = FlashConfig.for_target(target, num_latents=4, target_layer_ids=[1, 2], target_num_hidden_layers=3)
+    with pytest.raises(FlashConfigError, match="reads target layers \\[1, 2\\] of a 3-layer target, the target has 2"):
+        validate_against_target(deeper, target)
 
 
 def test_config_internal_errors():
@@ -272,3 +283,7 @@ def test_config_internal_errors():
         FlashConfig(num_attention_heads=3, num_key_value_heads=2, head_dim=32)
     with pytest.raises(FlashConfigError, match="num_latents=-1"):
         FlashConfig(num_latents=-1)
+    for layers in ([0, 2], [2, 5], [2, 2]):
+        with pytest.raises(FlashConfigError, match=rf"target_layer_ids=\{layers}: each must be a distinct target "
+                                                   r"layer, 1..4 \(the residual stream after that many"):
+            FlashConfig(target_num_hidden_layers=4, target_layer_ids=layers)

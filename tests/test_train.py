@@ -132,12 +132,14 @@ def test_preflight_leaves_another_process_probe_alone(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(other.name for other in others)
 
 
-@pytest.mark.parametrize("media", ["image", "video"])
-def test_hf_features_agree_with_the_features_vllm_gives_the_draft(media, qwen_target, qwen_random_draft, monkeypatch,
-                                                                  tmp_path):
+@pytest.mark.parametrize("media,layers", [("image", None), ("video", None), ("video", [1, 2])])
+def test_hf_features_agree_with_the_features_vllm_gives_the_draft(media, layers, qwen_target, monkeypatch, tmp_path,
+                                                                  request):
     """A training row goes through the training path (read, encode, HF forward) and, as the request distillation
     sends, through vLLM: the target must see the same tokens and positions both ways. (A video once reached HF
-    without its frame rate, so training saw every frame at time 0 and vLLM served them a second apart.)"""
+    without its frame rate, so training saw every frame at time 0 and vLLM served them a second apart.) With
+    `layers`, the states after those target layers, which training reads by hooks and vLLM's runner hands over
+    as aux hidden states."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vllm_flash.config import target_facts
@@ -163,13 +165,16 @@ def test_hf_features_agree_with_the_features_vllm_gives_the_draft(media, qwen_ta
     encoded = encode(conv, processor, target_facts(load_target_config(qwen_target)), max_len=512)
 
     recorder = Recorder(monkeypatch)
-    out = with_llm(qwen_target, qwen_random_draft, lambda llm: llm.generate(
+    draft = request.getfixturevalue("qwen_random_layers_draft" if layers else "qwen_random_draft")
+    out = with_llm(qwen_target, draft, lambda llm: llm.generate(
         [vllm_request(conv, processor)], greedy(max_tokens=2))[0], enable_prefix_caching=False)
     prompt_len = len(out.prompt_token_ids)
     assert encoded.token_ids[:prompt_len].tolist() == list(out.prompt_token_ids)
     assert encoded.target_from == prompt_len
     model = AutoModelForImageTextToText.from_pretrained(str(qwen_target), dtype=torch.float32).eval()
-    features = hf_features(model, encoded)[:prompt_len]
+    final, layer_states = hf_features(model, encoded, layers)
+    features = (final if layers is None else layer_states)[:prompt_len]
+    assert features.shape[-1] == final.shape[-1] * len(layers or [None])
     torch.testing.assert_close(features, recorder.steps[0]["hidden"].float(), rtol=1e-3, atol=1e-3)
 
 
@@ -267,6 +272,18 @@ def test_finished_features_are_reused_and_only_for_their_target(qwen_target, tmp
     other = shutil.copytree(qwen_target, tmp_path / "other_target")
     with pytest.raises(SystemExit, match="were extracted from"):
         main(["train", "--target", str(other), "--out", str(tmp_path / "d2"), *args])
+    # features of the final states alone are refused to a draft that reads target layers, by name
+    with pytest.raises(SystemExit, match=r"hold target layers none .* asks for \[1, 2\]"):
+        main(["train", "--target", str(qwen_target), "--out", str(tmp_path / "d4"), *args, "--target-layers", "1,2"])
+    # a draft reading target layers trains on features that hold them (`Sample.layer_states`) and exports them
+    layered = tmp_path / "layered_features"
+    extract_features(qwen_target, data, layered, max_len=512, progress=False, target_layer_ids=[1, 2])
+    sample = FeatureShards(layered)[0]
+    assert sample.layer_states.shape == (len(sample.token_ids), 2 * sample.features.shape[-1])
+    layered_args = [a if a != str(features) else str(layered) for a in args]
+    assert main(["train", "--target", str(qwen_target), "--out", str(tmp_path / "d5"), *layered_args,
+                 "--target-layers", "1,2"]) == 0
+    assert load_draft(tmp_path / "d5").config.target_layer_ids == [1, 2]
     # features from before the served video positions (no format field) are refused, not trained on
     index = json.loads((features / "index.json").read_text())
     del index["format"]

@@ -66,12 +66,16 @@ class Recorder:
                    torch.stack([features[p] for p in range(anchor + 1)]), step["logits"])
 
 
-@pytest.mark.parametrize("kind,mixer", [("qwen2_5_vl", False), ("llava", False), ("qwen2_5_vl", True)])
-def test_vllm_draft_logits_equal_reference(kind, mixer, request, tmp_path, monkeypatch):
-    """With a token mixer, vLLM drafts slot by slot from the tokens it drafted, as the reference does."""
+@pytest.mark.parametrize("kind,mixer,layers", [("qwen2_5_vl", False, None), ("llava", False, None),
+                                               ("qwen2_5_vl", True, None), ("llava", False, [1, 2])])
+def test_vllm_draft_logits_equal_reference(kind, mixer, layers, request, tmp_path, monkeypatch):
+    """With a token mixer, vLLM drafts slot by slot from the tokens it drafted, as the reference does. A draft
+    reading several target layers is handed their states by vLLM's runner and combines them as the reference
+    combines the same states."""
     target = request.getfixturevalue("qwen_target" if kind == "qwen2_5_vl" else "llava_target")
     torch.manual_seed(0)
-    draft = init_draft_for_target(target, num_speculative_tokens=4, num_latents=4, slot_token_mixer=mixer)
+    draft = init_draft_for_target(target, num_speculative_tokens=4, num_latents=4, slot_token_mixer=mixer,
+                                  target_layer_ids=layers)
     if mixer:
         with torch.no_grad():
             draft.token_mixer.out.weight.normal_(0, 0.3)  # a fresh one changes nothing

@@ -384,9 +384,9 @@ def test_target_training_batches_use_the_positions_vllm_serves(tmp_path):
     assert batch["pixel_values"].dtype == batch["pixel_values_videos"].dtype == torch.float32
     with torch.no_grad():
         hidden = model.model(**batch).last_hidden_state
-    torch.testing.assert_close(hidden[1], hf_features(model, video), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hidden[1], hf_features(model, video)[0], rtol=1e-4, atol=1e-4)
     n = len(image.token_ids)
-    torch.testing.assert_close(hidden[0, :n], hf_features(model, image), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hidden[0, :n], hf_features(model, image)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_target_training_rounds_carry_the_vision_probe_over(tmp_path):

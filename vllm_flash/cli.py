@@ -19,12 +19,24 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.fusion:
         overrides["fusion"] = args.fusion
     overrides["slot_token_mixer"] = args.token_mixer
+    overrides["target_layer_ids"] = args.target_layers
     draft = init_draft_for_target(args.target, **overrides)
     out = save_draft(draft, args.out)
     n = sum(p.numel() for p in draft.parameters())
     print(f"wrote a random FLASH draft ({n / 1e6:.2f}M parameters, K={draft.config.num_speculative_tokens}, "
           f"C={draft.config.num_latents}) for {args.target} to {out}")
     return 0
+
+
+def layer_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--target-layers {text!r}: expected target layer numbers like 2,12,21")
+
+
+TARGET_LAYERS_HELP = ("read the target's residual stream after these layers (e.g. 2,12,21), concatenated, as "
+                      "EAGLE-3 does, instead of its final hidden states")
 
 
 def cmd_patches(args: argparse.Namespace) -> int:
@@ -74,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fusion", choices=["gated", "linear"], default=None)
     p.add_argument("--token-mixer", action=argparse.BooleanOptionalAction, default=True,
                    help="each draft slot after the first also reads the token drafted before it")
+    p.add_argument("--target-layers", type=layer_ids, default=None, help=TARGET_LAYERS_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init)
 
@@ -92,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fusion", choices=["gated", "linear"], default="gated")
     p.add_argument("--token-mixer", action=argparse.BooleanOptionalAction, default=True,
                    help="each draft slot after the first also reads the token drafted before it (see README)")
+    p.add_argument("--target-layers", type=layer_ids, default=None, help=TARGET_LAYERS_HELP)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--steps", type=int, default=0, help="total steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=8)

@@ -30,6 +30,9 @@ class FlashConfig(PretrainedConfig):
         video_token_id: int | None = None,
         target_uses_mrope: bool = False,
         target_num_hidden_layers: int = 0,
+        # Which target states the draft reads: None, the final hidden states (FLASH as published); or the
+        # residual stream after each of these target layers, concatenated (EAGLE-3's multi-layer features).
+        target_layer_ids: list[int] | None = None,
         # FLASH itself.
         num_speculative_tokens: int = 4,
         num_latents: int = 36,
@@ -55,6 +58,7 @@ class FlashConfig(PretrainedConfig):
         self.video_token_id = video_token_id
         self.target_uses_mrope = target_uses_mrope
         self.target_num_hidden_layers = target_num_hidden_layers
+        self.target_layer_ids = list(target_layer_ids) if target_layer_ids else None
         self.num_speculative_tokens = num_speculative_tokens
         self.num_latents = num_latents
         self.fusion = fusion
@@ -71,6 +75,8 @@ class FlashConfig(PretrainedConfig):
         self.training = training or {}
         # vLLM reads these generic names from any draft config.
         self.num_hidden_layers = 1
+        if self.target_layer_ids:  # the layers whose states vLLM's runner hands the drafter ("aux hidden states")
+            kwargs["eagle_aux_hidden_state_layer_ids"] = self.target_layer_ids
         kwargs.setdefault("architectures", ["FlashDraftModel"])
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
@@ -92,6 +98,18 @@ class FlashConfig(PretrainedConfig):
                 f"num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise FlashConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.target_layer_ids is not None:
+            top = self.target_num_hidden_layers
+            bad = [i for i in self.target_layer_ids if not 1 <= int(i) <= top]
+            if bad or len(set(self.target_layer_ids)) != len(self.target_layer_ids):
+                raise FlashConfigError(
+                    f"target_layer_ids={self.target_layer_ids}: each must be a distinct target layer, "
+                    f"1..{top} (the residual stream after that many of the target's {top} layers)")
+
+    @property
+    def feature_size(self) -> int:
+        """Width of the target features the draft reads, before it combines them to hidden_size."""
+        return self.hidden_size * len(self.target_layer_ids or [None])
 
     @classmethod
     def for_target(cls, target_config: PretrainedConfig, **overrides: Any) -> "FlashConfig":
@@ -170,6 +188,10 @@ def validate_against_target(draft: FlashConfig, target_config: PretrainedConfig,
         for name in draft_values
         if draft_values[name] != facts[name]
     ]
+    depth = target_config.get_text_config().num_hidden_layers
+    if draft.target_layer_ids and draft.target_num_hidden_layers != depth:
+        problems.append(f"num_hidden_layers: the draft reads target layers {draft.target_layer_ids} of a "
+                        f"{draft.target_num_hidden_layers}-layer target, the target has {depth}")
     if num_speculative_tokens is not None and num_speculative_tokens > draft.num_speculative_tokens:
         problems.append(
             f"num_speculative_tokens: requested {num_speculative_tokens}, but the draft has "

@@ -438,12 +438,28 @@ def encode_or_report(conv: Conversation, processor, facts: dict, max_len: int, r
 
 
 @torch.no_grad()
-def hf_features(model, encoded: Encoded) -> torch.Tensor:
-    """The target's final-norm hidden states at every position (the features that feed the LM head)."""
+def hf_features(model, encoded: Encoded, layer_ids: list[int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The target's final-norm hidden states at every position (the features that feed the LM head), and with
+    `layer_ids` the residual stream after each of those layers, concatenated (T, len(layer_ids) * d): what vLLM's
+    runner hands a drafter as aux hidden states. Read by hooks on the decoder layers, so the states do not
+    depend on what a transformers version returns as `hidden_states`."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in encoded.inputs.items() if isinstance(v, torch.Tensor)}
     inputs.pop("attention_mask", None)
-    return model.model(**inputs).last_hidden_state[0].float().cpu()
+    layers = model.model.language_model.layers
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [layers[i - 1].register_forward_hook(
+        lambda _module, _args, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+        for i in layer_ids or []]
+    try:
+        final = model.model(**inputs).last_hidden_state[0].float().cpu()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not layer_ids:
+        return final, None
+    return final, torch.cat([captured[i][0] for i in layer_ids], dim=-1).float().cpu()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -461,14 +477,16 @@ class ShardWriter:
         self.shards: list[str] = []
 
     def add(self, token_ids: torch.Tensor, features: torch.Tensor, frames: list[tuple[int, int]],
-            target_from: int) -> None:
+            target_from: int, layer_states: torch.Tensor | None = None) -> None:
         key = f"{self.count:08d}"
         self.buffer[f"{key}.token_ids"] = token_ids.to(torch.int64).contiguous()
         self.buffer[f"{key}.features"] = features.to(self.dtype).contiguous()
+        if layer_states is not None:
+            self.buffer[f"{key}.layer_states"] = layer_states.to(self.dtype).contiguous()
         self.buffer[f"{key}.frames"] = torch.tensor(frames, dtype=torch.int64).reshape(-1, 2)
         self.buffer[f"{key}.target_from"] = torch.tensor([target_from], dtype=torch.int64)
         self.count += 1
-        if len(self.buffer) >= 4 * self.per_shard:
+        if self.count % self.per_shard == 0:
             self.flush()
 
     def flush(self) -> None:
@@ -491,6 +509,7 @@ class FeatureShards:
     def __init__(self, feature_dir: str | Path) -> None:
         self.dir = Path(feature_dir)
         self.index = json.loads((self.dir / "index.json").read_text())
+        self.target_layer_ids = self.index.get("target_layer_ids")
         self.keys: list[tuple[str, str]] = []
         for shard in self.index["shards"]:
             with safe_open(str(self.dir / shard), framework="pt") as f:
@@ -505,5 +524,7 @@ class FeatureShards:
         shard, key = self.keys[i]
         with safe_open(str(self.dir / shard), framework="pt") as f:
             frames = f.get_tensor(f"{key}.frames")
+            layer_states = f.get_tensor(f"{key}.layer_states").float() if self.target_layer_ids else None
             return Sample(f.get_tensor(f"{key}.token_ids"), f.get_tensor(f"{key}.features").float(),
-                          [tuple(r) for r in frames.tolist()], int(f.get_tensor(f"{key}.target_from")[0]))
+                          [tuple(r) for r in frames.tolist()], int(f.get_tensor(f"{key}.target_from")[0]),
+                          layer_states)

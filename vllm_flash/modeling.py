@@ -94,6 +94,24 @@ class Fusion(nn.Module):
         return self.fc(x)
 
 
+class TargetLayerCombiner(nn.Module):
+    """Several target layers' states (concatenated) -> one feature: each layer's state RMS-normalised with its
+    own weight (residual streams grow with depth and carry a few huge dimensions: unnormalised, the toy world's
+    draft lost 0.3 of tau), then projected together, as EAGLE-3's fc. All layers are normalised at once, in one
+    pass of small ops rather than one per layer, since the draft runs every step."""
+
+    def __init__(self, hidden: int, num_layers: int, eps: float) -> None:
+        super().__init__()
+        self.hidden, self.num_layers, self.eps = hidden, num_layers, eps
+        self.norm_weight = nn.Parameter(torch.ones(num_layers, hidden))
+        self.proj = nn.Linear(num_layers * hidden, hidden, bias=False)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        x = states.float().unflatten(-1, (self.num_layers, self.hidden))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight.float()
+        return self.proj(x.flatten(-2).to(self.proj.weight.dtype))
+
+
 class TokenMixer(nn.Module):
     """Slot i's feature corrected by the token drafted at slot i-1, fused with it as the input fusion fuses
     (embedding; feature), then projected back. The projection starts at zero: a fresh mixer changes nothing.
@@ -246,6 +264,9 @@ class FlashDraft(nn.Module):
         super().__init__()
         self.config = config
         d, k = config.hidden_size, config.num_speculative_tokens
+        # several target layers' states, concatenated, are projected to one feature (EAGLE-3's fc)
+        self.feature_combiner = TargetLayerCombiner(d, len(config.target_layer_ids), config.rms_norm_eps) \
+            if config.target_layer_ids else None
         self.fusion = Fusion(d, config.fusion)
         self.compressor = LatentCompressor(config.num_latents, d) if config.num_latents > 0 else None
         self.slot_embedding = nn.Parameter(torch.randn(k - 1, d) * 0.02)
@@ -267,6 +288,13 @@ class FlashDraft(nn.Module):
         return features @ self.lm_head_weight.to(features.dtype).t()
 
     # -- the pieces the vLLM model reuses -------------------------------------------------------------------
+    def combine_features(self, target_states: torch.Tensor) -> torch.Tensor:
+        """(..., feature_size) target states -> (..., d) features: the identity for a draft reading the target's
+        final hidden states."""
+        if self.feature_combiner is None:
+            return target_states
+        return self.feature_combiner(target_states)
+
     def input_states(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
                      frames: VisualFrames | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat (N, d) inputs -> (N, d) hidden inputs and (N,) draft positions."""
@@ -286,15 +314,16 @@ class FlashDraft(nn.Module):
 
     # -- reference forward over whole sequences (training, checking) -----------------------------------------
     def forward(self, next_ids: torch.Tensor, features: torch.Tensor,
-                frames: VisualFrames | None = None, k: int | None = None) -> torch.Tensor:
+                frames: VisualFrames | None = None, k: int | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
         """All positions at once with the SAR block mask.
 
-        next_ids: (B, T) token t+1 at position t; features: (B, T, d) target features at t;
+        next_ids: (B, T) token t+1 at position t; features: (B, T, feature_size) target states at t;
         frames: visual runs in the flattened (B*T) token axis. Returns predicted features (B, T, K, d).
         With a token mixer, slot i reads the token t+1+i, the one slot i-1 should draft: its draft is used only
         when every slot before it was accepted, that is, drafted exactly the target's tokens.
         """
-        out = self.slot_features(next_ids, features, frames, k)
+        out = self.slot_features(next_ids, features, frames, k, noise)
         k = out.shape[2]
         if self.token_mixer is None or k == 1:
             return out
@@ -302,9 +331,14 @@ class FlashDraft(nn.Module):
         return torch.cat([out[:, :, :1], self.token_mixer(out[:, :, 1:], self.embed(previous))], dim=2)
 
     def slot_features(self, next_ids: torch.Tensor, features: torch.Tensor,
-                      frames: VisualFrames | None = None, k: int | None = None) -> torch.Tensor:
-        """The SAR pass alone: (B, T, K, d), no slot reading an earlier slot's token."""
+                      frames: VisualFrames | None = None, k: int | None = None,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The SAR pass alone: (B, T, K, d), no slot reading an earlier slot's token. `noise` (B, T, d), in units
+        of the features' std, is added to the combined features (training's input noise)."""
         k = k or self.config.num_speculative_tokens
+        features = self.combine_features(features)
+        if noise is not None:
+            features = features + noise.to(features.dtype) * features.detach().std()
         b, t, d = features.shape
         positions = torch.arange(t, device=features.device).expand(b, t).reshape(-1)
         hidden, positions = self.input_states(self.embed(next_ids).reshape(b * t, d),
@@ -321,7 +355,7 @@ class FlashDraft(nn.Module):
     def draft_logits(self, next_ids: torch.Tensor, features: torch.Tensor,
                      frames: VisualFrames | None = None, k: int | None = None) -> torch.Tensor:
         """Logits (K, V) of the K draft tokens proposed after the last position of one sequence.
-        next_ids: (T,), features: (T, d)."""
+        next_ids: (T,), features: (T, feature_size)."""
         slots = self.slot_features(next_ids[None], features[None], frames, k)[0, -1:]
 
         def greedy(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,8 @@ draft tokens. FLASH changes three things about the inputs, and nothing else:
   work (vLLM's parallel drafting otherwise reads the target's 3-D positions and refuses M-RoPE);
 - slot inputs: slot i is its anchor's hidden input plus a learned slot embedding (`slot_index`);
 - visual context: each image / video frame in the chunk is compressed to C latents (`frames`).
+A draft that reads several target layers (`target_layer_ids`) gets them from the runner as EAGLE-3 does, and
+combines them to one feature per position before the inputs are laid out.
 A draft with a token mixer also changes how its K draft tokens are sampled: slot by slot, each slot's features
 corrected by the token drafted before it (`_sample_draft_tokens`).
 """
@@ -28,6 +30,10 @@ class FlashProposer(EagleProposer):
         # The runner's request states tell where each request's images lie; the base class drops it.
         self.runner = runner
         self._flash_inputs: dict[str, Any] = {"slot_index": None, "frames": None}
+        if runner is not None and self.draft_model_config.hf_config.target_layer_ids:
+            # The runner asks the target for those layers' states (`eagle_aux_hidden_state_layer_ids` in the
+            # draft's config) and hands them over concatenated only when this is set; it sets it for eagle3 alone.
+            runner.use_aux_hidden_state_outputs = True
 
     def _init_parallel_drafting_params(self) -> None:
         # Placeholder token and hidden state for the appended slots; the FLASH model replaces both.
@@ -65,6 +71,7 @@ class FlashProposer(EagleProposer):
         index_positions = (first_index[request] + torch.arange(num_target, device=query_start.device)
                            - query_start[:-1][request]).to(torch.int64)
         frames = self._chunk_frames(cad)
+        target_hidden_states = self.model.draft.combine_features(target_hidden_states)
         num_tokens, token_indices_to_sample, new_cad = super().set_inputs_first_pass(
             target_token_ids, next_token_ids, index_positions, target_hidden_states, token_indices_to_sample,
             cad, num_rejected_tokens_gpu)

@@ -24,6 +24,13 @@ class Sample:
     features: torch.Tensor  # (T, d) target features (the hidden states that feed the LM head)
     frames: list[tuple[int, int]] = field(default_factory=list)  # (start, length) of images / frames
     target_from: int = 1  # positions >= this are prediction targets (e.g. only the answer)
+    # (T, layers * d) what the draft reads, for a draft reading several target layers (`target_layer_ids`); the
+    # slots are still trained against `features`, the states that feed the LM head
+    layer_states: torch.Tensor | None = None
+
+    @property
+    def draft_inputs(self) -> torch.Tensor:
+        return self.features if self.layer_states is None else self.layer_states
 
 
 @dataclass
@@ -48,6 +55,7 @@ def collate(samples: list[Sample]) -> dict:
     b, d = len(samples), samples[0].features.shape[-1]
     next_ids = torch.zeros(b, t, dtype=torch.long)
     features = torch.zeros(b, t, d, dtype=samples[0].features.dtype)
+    inputs = torch.zeros(b, t, samples[0].draft_inputs.shape[-1], dtype=samples[0].features.dtype)
     target_mask = torch.zeros(b, t, dtype=torch.bool)
     input_mask = torch.zeros(b, t, dtype=torch.bool)
     starts, lengths = [], []
@@ -55,6 +63,7 @@ def collate(samples: list[Sample]) -> dict:
         n = len(s.token_ids)
         next_ids[row, : n - 1] = s.token_ids[1:]
         features[row, :n] = s.features
+        inputs[row, :n] = s.draft_inputs
         target_mask[row, s.target_from:n] = True
         input_mask[row, : n - 1] = True  # the last position has no next token
         for start, length in s.frames:
@@ -64,8 +73,8 @@ def collate(samples: list[Sample]) -> dict:
             lengths.append(length)
     frames = VisualFrames(torch.tensor(starts, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)) \
         if starts else None
-    return {"next_ids": next_ids, "features": features, "frames": frames, "target_mask": target_mask,
-            "input_mask": input_mask}
+    return {"next_ids": next_ids, "features": features, "inputs": inputs, "frames": frames,
+            "target_mask": target_mask, "input_mask": input_mask}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -163,15 +172,14 @@ def fit(draft: FlashDraft, samples, cfg: TrainConfig,
         indices = batch_indices(step, len(samples), cfg.batch_size * world, cfg.seed)[rank::world]
         batch = collate([samples[i] for i in indices])
         noise_rng = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * world + rank)
+        # in units of the draft's features' std, added once target layers are combined to them (`slot_features`)
         noise = (torch.rand(batch["features"].shape, generator=noise_rng) - 0.5) * 2 * cfg.feature_noise
-        noise = noise * batch["features"].std()
         batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         if batch["frames"] is not None:
             batch["frames"] = VisualFrames(batch["frames"].starts.to(device), batch["frames"].lengths.to(device))
-        features = batch["features"]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            predicted = model(batch["next_ids"], features + noise.to(device), batch["frames"])
-        result = flash_loss(draft, predicted.float(), features, batch["target_mask"], batch["input_mask"],
+            predicted = model(batch["next_ids"], batch["inputs"], batch["frames"], noise=noise.to(device))
+        result = flash_loss(draft, predicted.float(), batch["features"], batch["target_mask"], batch["input_mask"],
                             cfg.ce_weight)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)

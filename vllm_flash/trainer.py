@@ -91,9 +91,10 @@ FEATURES_FORMAT = 2
 
 def extract_features(target: Path, data: Path, feature_dir: Path, *, max_len: int = 2048,
                      image_root: Path | None = None, regenerate: bool = False, regenerate_tokens: int = 128,
-                     progress: bool = True, feature_dtype: torch.dtype = torch.float32
-                     ) -> tuple[int, BadDataReport]:
-    """Stream the target's features over the data set into `feature_dir`; returns (samples, bad-data report)."""
+                     progress: bool = True, feature_dtype: torch.dtype = torch.float32,
+                     target_layer_ids: list[int] | None = None) -> tuple[int, BadDataReport]:
+    """Stream the target's features (and with `target_layer_ids` those layers' states, `hf_features`) over the
+    data set into `feature_dir`; returns (samples, bad-data report)."""
     from tqdm import tqdm
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -119,9 +120,10 @@ def extract_features(target: Path, data: Path, feature_dir: Path, *, max_len: in
         encoded = encode_or_report(conv, processor, facts, max_len, report)
         if encoded is None:
             continue
-        writer.add(encoded.token_ids, hf_features(model, encoded), encoded.frames, encoded.target_from)
+        features, layer_states = hf_features(model, encoded, target_layer_ids)
+        writer.add(encoded.token_ids, features, encoded.frames, encoded.target_from, layer_states)
     writer.close({"format": FEATURES_FORMAT, "target": str(Path(target).resolve()), "data": str(data),
-                  "bad_rows": dict(report.counts)})
+                  "bad_rows": dict(report.counts), "target_layer_ids": target_layer_ids})
     return writer.count, report
 
 
@@ -161,6 +163,11 @@ def run_train(args) -> int:
             raise SystemExit(f"vllm-flash train: features in {feature_dir} are in format {index.get('format', 1)}, "
                              f"this vllm-flash writes format {FEATURES_FORMAT} (older video features carry "
                              f"positions vLLM does not serve); delete the folder to extract them again")
+        if index.get("target_layer_ids") != args.target_layers:
+            raise SystemExit(f"vllm-flash train: features in {feature_dir} hold target layers "
+                             f"{index.get('target_layer_ids') or 'none (final hidden states only)'}, this run asks "
+                             f"for {args.target_layers or 'none'}: pass the same --target-layers, or another "
+                             f"--features folder")
         print(f"reusing {index['num_samples']} samples of features in {feature_dir}")
         bad_rows = index.get("bad_rows", {})
     else:
@@ -168,7 +175,7 @@ def run_train(args) -> int:
                                          image_root=Path(args.image_root) if args.image_root else None,
                                          regenerate=args.regenerate, regenerate_tokens=args.regenerate_tokens,
                                          feature_dtype=torch.bfloat16 if args.feature_dtype == "bf16"
-                                         else torch.float32)
+                                         else torch.float32, target_layer_ids=args.target_layers)
         print(f"features: {count} samples; bad rows: {report.summary()}")
         bad_rows = dict(report.counts)
         if count == 0:
@@ -178,7 +185,8 @@ def run_train(args) -> int:
     samples = FeatureShards(feature_dir)
     target_config = load_target_config(target)
     config = FlashConfig.for_target(target_config, num_speculative_tokens=args.k, num_latents=args.latents,
-                                    fusion=args.fusion, slot_token_mixer=args.token_mixer)
+                                    fusion=args.fusion, slot_token_mixer=args.token_mixer,
+                                    target_layer_ids=args.target_layers)
     torch.manual_seed(args.seed)
     draft = FlashDraft(config)
     draft.attach_target_head(*load_target_head(target))
