@@ -42,7 +42,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup: int = 20
     grad_clip: float = 0.5
-    feature_noise: float = 0.1  # uniform noise on input features (EAGLE), relative to their std
+    feature_noise: float = 0.1  # uniform noise on the input features (EAGLE; after combining target layers), x their std
     # the paper's 0.1 left the toy world's drafts 5% of tau short of 1.0 (and of 3.0), held out, same data
     ce_weight: float = 1.0
     seed: int = 0
