@@ -205,6 +205,20 @@ def test_loss_falls_when_overfitting_a_tiny_batch():
     assert all(c > 0 for c in result.slot_count)
 
 
+def test_target_layers_are_normalised_each_and_training_noise_is_added_after_combining_them():
+    """A layer whose states are 100 times another's (residual streams grow with depth) changes nothing: each layer
+    is normalised before the projection, and training's input noise, in units of the std, is added to the
+    combined feature. Noise scaled by the raw states' std would swamp the smaller layer."""
+    draft = make_draft(target_layer_ids=[1, 3], target_num_hidden_layers=4)
+    next_ids, features, frames = sample_batch("image", b=1)
+    other = torch.randn_like(features)
+    noise = (torch.rand(*features.shape, generator=torch.Generator().manual_seed(3)) - 0.5) * 0.2
+    balanced = draft(next_ids, torch.cat([features, other], dim=-1), frames, noise=noise)
+    lopsided = draft(next_ids, torch.cat([features, 100 * other], dim=-1), frames, noise=noise)
+    torch.testing.assert_close(lopsided, balanced, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(balanced, draft(next_ids, torch.cat([features, other], dim=-1), frames), atol=1e-3)
+
+
 @pytest.mark.parametrize("layers", [None, [1, 3]])
 def test_save_load_round_trip_is_bit_identical(tmp_path, layers):
     """With `layers` the draft reads two target layers' states, concatenated, and combines them first."""

@@ -28,10 +28,6 @@ class Sample:
     # slots are still trained against `features`, the states that feed the LM head
     layer_states: torch.Tensor | None = None
 
-    @property
-    def draft_inputs(self) -> torch.Tensor:
-        return self.features if self.layer_states is None else self.layer_states
-
 
 @dataclass
 class TrainConfig:
@@ -55,7 +51,9 @@ def collate(samples: list[Sample]) -> dict:
     b, d = len(samples), samples[0].features.shape[-1]
     next_ids = torch.zeros(b, t, dtype=torch.long)
     features = torch.zeros(b, t, d, dtype=samples[0].features.dtype)
-    inputs = torch.zeros(b, t, samples[0].draft_inputs.shape[-1], dtype=samples[0].features.dtype)
+    # a draft of final states reads the features themselves: no second copy of them
+    layered = samples[0].layer_states is not None
+    inputs = torch.zeros(b, t, samples[0].layer_states.shape[-1], dtype=features.dtype) if layered else features
     target_mask = torch.zeros(b, t, dtype=torch.bool)
     input_mask = torch.zeros(b, t, dtype=torch.bool)
     starts, lengths = [], []
@@ -63,7 +61,8 @@ def collate(samples: list[Sample]) -> dict:
         n = len(s.token_ids)
         next_ids[row, : n - 1] = s.token_ids[1:]
         features[row, :n] = s.features
-        inputs[row, :n] = s.draft_inputs
+        if layered:
+            inputs[row, :n] = s.layer_states
         target_mask[row, s.target_from:n] = True
         input_mask[row, : n - 1] = True  # the last position has no next token
         for start, length in s.frames:
