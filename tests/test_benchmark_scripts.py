@@ -50,3 +50,33 @@ def test_image_size_ab_trains_each_arm_on_its_own_image_size(tmp_path, monkeypat
         for split in ("train", "heldout"):
             assert 0 < r[split]["loss"] and int(r[split]["missed_by_kind"]["shape"].split("/")[1]) > 0
         assert 0 <= r["heldout_served"]["exact_match"] <= 1 and 0 <= r["heldout_served"]["word_accuracy"] <= 1
+
+
+def test_compressor_pooling_reports_mean_pooling_and_picking_apart():
+    """Zero queries pool every frame to its mean (entropy 1 of uniform's, largest weight 1/L); a query pointed
+    hard at one token picks it out (entropy near 0, largest weight near 1)."""
+    import torch
+
+    from vllm_flash.config import FlashConfig
+    from vllm_flash.modeling import FlashDraft
+    from vllm_flash.train import Sample
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "world" / "compressor_pooling.py"
+    spec = importlib.util.spec_from_file_location("compressor_pooling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    draft = FlashDraft(FlashConfig(hidden_size=32, vocab_size=50, num_attention_heads=2, num_key_value_heads=1,
+                                   num_latents=1, compressor_key_norm=True))
+    features = torch.randn(20, 32)
+    samples = [Sample(torch.zeros(20, dtype=torch.long), features, frames=[(2, 8), (12, 4), (19, 1)]),
+               Sample(torch.zeros(20, dtype=torch.long), features)]  # no frames: skipped
+    with torch.no_grad():
+        draft.compressor.queries.zero_()
+    stats = module.pooling_stats(draft, samples)
+    assert stats["frames"] == 2  # the one-token frame is skipped
+    assert abs(stats["normalised_entropy"] - 1) < 1e-5 and abs(stats["largest_weight"] - (1 / 8 + 1 / 4) / 2) < 1e-5
+    with torch.no_grad():  # point the query at the first token of each frame
+        draft.compressor.queries.copy_(50 * (features[2] / features[2].norm() + features[12] / features[12].norm()))
+    stats = module.pooling_stats(draft, samples)
+    assert stats["normalised_entropy"] < 0.05 and stats["largest_weight"] > 0.98

@@ -88,6 +88,37 @@ def test_compressor_ignores_padding():
     torch.testing.assert_close(comp(frames, valid), comp(frames[:, :6], valid[:, :6]))
 
 
+def test_fresh_compressor_can_pick_out_single_tokens():
+    """A fresh compressor's pooling is already far from its frame's mean on unit-scale features, so training can
+    sharpen it into picking tokens out. Queries of norm 1 scored every token nearly alike (entropy 0.997 of
+    uniform's here) and stayed so through training (README, "Drafts")."""
+    torch.manual_seed(0)
+    comp = LatentCompressor(3, HIDDEN)
+    frames = torch.randn(100, 10, HIDDEN)
+    valid = torch.ones(100, 10, dtype=torch.bool)
+    valid[:50, 7:] = False
+    weights = comp.weights(frames, valid)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(100, 3))
+    assert (weights[:50, :, 7:] == 0).all()
+    entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1) / valid.sum(-1, keepdim=True).log()
+    assert entropy.mean() < 0.6 and weights.max(-1).values.mean() > 0.5
+    torch.testing.assert_close(comp(frames, valid), weights @ frames)
+    # the keys are normalised: the pooling does not depend on the features' scale, only the values do
+    torch.testing.assert_close(comp.weights(frames * 25, valid), weights)
+
+
+def test_compressor_without_key_norm_pools_as_drafts_trained_before_it():
+    """A draft config without `compressor_key_norm` (every draft trained before it) scores the raw features,
+    as it was trained to; new drafts normalise the keys."""
+    torch.manual_seed(0)
+    old = make_draft(latents=3)
+    assert not old.config.compressor_key_norm and not old.compressor.key_norm
+    frames, valid = torch.randn(2, 9, HIDDEN) * 4, torch.ones(2, 9, dtype=torch.bool)
+    scores = torch.einsum("cd,gld->gcl", old.compressor.queries, frames) / HIDDEN**0.5
+    torch.testing.assert_close(old.compressor(frames, valid), torch.softmax(scores, -1) @ frames)
+    assert make_draft(latents=3, compressor_key_norm=True).compressor.key_norm
+
+
 def test_latent_layout_runs_cover_all_latents_in_order():
     lengths = torch.tensor([16, 10, 3])
     layout = latent_layout(lengths, 4, 16)
@@ -266,6 +297,7 @@ def test_config_validation_errors_name_field_and_values(qwen_target):
     target = AutoConfig.from_pretrained(qwen_target)
     good = FlashConfig.for_target(target, num_latents=4)
     validate_against_target(good, target, num_speculative_tokens=4)
+    assert good.compressor_key_norm  # a new draft's compressor normalises its keys
     cases = {
         "hidden_size": ("hidden_size=64", "hidden_size: draft has 64, target has 128"),
         "vocab_size": ("vocab_size=10", "vocab_size: draft has 10, target has"),

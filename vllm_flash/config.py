@@ -36,6 +36,9 @@ class FlashConfig(PretrainedConfig):
         # FLASH itself.
         num_speculative_tokens: int = 4,
         num_latents: int = 36,
+        # The compressor scores RMS-normalised visual features (`LatentCompressor`). False, the default for a
+        # config without the field, is how drafts trained before it were trained; `for_target` sets True.
+        compressor_key_norm: bool = False,
         fusion: str = "gated",
         slot_residual_gate: bool = False,
         slot_token_mixer: bool = False,
@@ -61,6 +64,7 @@ class FlashConfig(PretrainedConfig):
         self.target_layer_ids = list(target_layer_ids) if target_layer_ids else None
         self.num_speculative_tokens = num_speculative_tokens
         self.num_latents = num_latents
+        self.compressor_key_norm = bool(compressor_key_norm)
         self.fusion = fusion
         self.slot_residual_gate = slot_residual_gate
         # K = 1 has no slot after the first for a token mixer to correct
@@ -133,6 +137,7 @@ class FlashConfig(PretrainedConfig):
             rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
             rope_theta=_rope_theta(text),
             max_position_embeddings=text.max_position_embeddings,
+            compressor_key_norm=True,
         )
         fields.update(overrides)
         return cls(**fields)

@@ -129,17 +129,33 @@ class TokenMixer(nn.Module):
 
 
 class LatentCompressor(nn.Module):
-    """F^_V = softmax(Q F_V^T / sqrt(d)) F_V with C learnable queries, applied per image or video frame."""
+    """F^_V = softmax(Q K^T / sqrt(d)) F_V with C learnable queries, applied per image or video frame; the keys K
+    are the frame's features RMS-normalised (`key_norm`), the values F_V the features as they are.
 
-    def __init__(self, num_latents: int, hidden: int) -> None:
+    A fresh latent's scores are then about N(0, QUERY_INIT_STD^2) whatever the target's width and feature scale,
+    so the pooling can pick out single tokens from the start. With unit-norm queries and raw keys, as before,
+    the toy world's scores stayed below about 1 through training: every latent stayed near its frame's mean
+    (pooling entropy 0.95 of uniform's), and more latents or heads changed nothing (README, "Drafts").
+    key_norm=False scores the raw features: what drafts trained before were trained with."""
+
+    QUERY_INIT_STD = 3.0
+
+    def __init__(self, num_latents: int, hidden: int, key_norm: bool = True, eps: float = 1e-6) -> None:
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(num_latents, hidden) * hidden**-0.5)
+        self.key_norm, self.eps = key_norm, eps
+        self.queries = nn.Parameter(torch.randn(num_latents, hidden) * self.QUERY_INIT_STD)
+
+    def weights(self, frames: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """How each latent pools its frame: (G, C, L), each row summing to 1 over the valid tokens."""
+        keys = frames.float()
+        if self.key_norm:
+            keys = keys * torch.rsqrt(keys.pow(2).mean(-1, keepdim=True) + self.eps)
+        scores = torch.einsum("cd,gld->gcl", self.queries.float(), keys) / math.sqrt(frames.shape[-1])
+        return torch.softmax(scores.masked_fill(~valid[:, None, :], float("-inf")), dim=-1)
 
     def forward(self, frames: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """frames: (G, L, d) padded visual features; valid: (G, L) bool. Returns (G, C, d)."""
-        scores = torch.einsum("cd,gld->gcl", self.queries.to(frames.dtype), frames) / math.sqrt(frames.shape[-1])
-        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-        return torch.softmax(scores.float(), dim=-1).to(frames.dtype) @ frames
+        return self.weights(frames, valid).to(frames.dtype) @ frames
 
 
 def latent_layout(lengths: torch.Tensor, num_latents: int, max_len: int) -> torch.Tensor:
@@ -268,7 +284,8 @@ class FlashDraft(nn.Module):
         self.feature_combiner = TargetLayerCombiner(d, len(config.target_layer_ids), config.rms_norm_eps) \
             if config.target_layer_ids else None
         self.fusion = Fusion(d, config.fusion)
-        self.compressor = LatentCompressor(config.num_latents, d) if config.num_latents > 0 else None
+        self.compressor = LatentCompressor(config.num_latents, d, config.compressor_key_norm, config.rms_norm_eps) \
+            if config.num_latents > 0 else None
         self.slot_embedding = nn.Parameter(torch.randn(k - 1, d) * 0.02)
         self.slot_gate = nn.Parameter(torch.ones(k - 1)) if config.slot_residual_gate else None
         self.token_mixer = TokenMixer(d) if config.slot_token_mixer else None
