@@ -91,7 +91,7 @@ def test_compressor_ignores_padding():
 def test_fresh_compressor_can_pick_out_single_tokens():
     """A fresh compressor's pooling is already far from its frame's mean on unit-scale features, so training can
     sharpen it into picking tokens out. Queries of norm 1 scored every token nearly alike (entropy 0.997 of
-    uniform's here) and stayed so through training (README, "Drafts")."""
+    uniform's here) and stayed so through training (README, "Train your own draft")."""
     torch.manual_seed(0)
     comp = LatentCompressor(3, HIDDEN)
     frames = torch.randn(100, 10, HIDDEN)

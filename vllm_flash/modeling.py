@@ -135,8 +135,8 @@ class LatentCompressor(nn.Module):
     A fresh latent's scores are then about N(0, QUERY_INIT_STD^2) whatever the target's width and feature scale,
     so the pooling can pick out single tokens from the start. With unit-norm queries and raw keys, as before,
     the toy world's scores stayed below about 1 through training: every latent stayed near its frame's mean
-    (pooling entropy 0.95 of uniform's), and more latents or heads changed nothing (README, "Drafts").
-    key_norm=False scores the raw features: what drafts trained before were trained with."""
+    (pooling entropy 0.95 of uniform's), and more latents or heads changed nothing (README, "Train your own
+    draft"). key_norm=False scores the raw features: what drafts trained before were trained with."""
 
     QUERY_INIT_STD = 3.0
 
