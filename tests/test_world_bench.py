@@ -8,7 +8,7 @@
   rows of each task that it names, at its own batch size if it has one; the drafts learn from an equal share of
   each task; its data is the same written or encoded by one process or several;
 - a GPU round trains as many steps as fit its deadline and reports them; its weights come back in parts and
-  make a servable target again;
+  make a servable target again; a recount round picks rows no round has seen and comes back deepened;
 - its accuracy check scores the split it is asked about (training rows tell under- from over-fitting);
 - diagnose_target.py scores a batch as training does, finds each move's axis and frame pair, and where the
   target looks when it counts a shape, and how well its state holds the count and each shape's count; the
@@ -682,6 +682,48 @@ def test_a_gpu_rounds_weights_come_back_in_parts_and_make_the_target_again(tmp_p
     save_file({"extra.weight": torch.zeros(1)}, tmp_path / "parts" / "part-3.safetensors")
     with pytest.raises(ValueError, match="other weights.*extra.weight"):
         gpu_round.assemble(tmp_path / "parts", tmp_path / "target-2", start)
+
+
+def test_a_gpu_recount_round_trains_the_trained_layers_on_new_rows_and_comes_back_deepened(tmp_path):
+    """`gpu_round.py --recount` picks rows no round of the recipe has seen (every image or clip where a colour is
+    shared, every fourth of the others, every question), trains the shipped target's trained layers alone on
+    its frozen tower, and its parts come back as the deepened target: the untrained round is the shipped one."""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_flash import world
+
+    gpu_round = _load(ROOT / "benchmarks" / "world" / "gpu_round.py")
+    recipe_mod = sys.modules["train_target"]
+    recipe = recipe_mod.Recipe()
+    first = recipe_mod.train_rows(recipe)
+    chosen = gpu_round.new_rows({"video_caption": 40, "image_caption": 40, "visual_qa": 8}, 4)
+    for task in world.TASKS:
+        scanned = range(first[task], first[task] + {"visual_qa": 8}.get(task, 40))
+        shared = {i for i in scanned if world.shares_a_colour(
+            world.example(task, world.SPLIT_SEEDS["train"] + i)["scenes"])}
+        expected = list(scanned) if task == "visual_qa" else [i for i in scanned if i in shared or i % 4 == 0]
+        assert [i for t, i in chosen if t == task] == expected
+        if task != "visual_qa":
+            assert 0 < len(shared) < len(expected) < 40  # both kinds of rows, some left out
+
+    start = ROOT / "assets" / "world" / "target"
+    model = gpu_round.starting_model(start, recount=True)
+    assert model.config.text_config.num_hidden_layers == recipe.shallow_layers
+    assert not any(p.requires_grad for p in model.model.visual.parameters())
+    assert all(p.requires_grad for p in model.model.language_model.parameters())
+    model.save_pretrained(tmp_path / "trained")
+    gpu_round.save_parts(tmp_path / "trained", tmp_path / "parts")
+    shutil.copy(tmp_path / "trained" / "config.json", tmp_path / "parts" / "config.json")
+    gpu_round.assemble(tmp_path / "parts", tmp_path / "target", start)
+    shipped, rebuilt = load_file(start / "model.safetensors"), load_file(tmp_path / "target" / "model.safetensors")
+    assert rebuilt.keys() == shipped.keys()
+    added = recipe_mod.added_layers(recipe)
+    for name, tensor in shipped.items():
+        layer = name[len(recipe_mod.TEXT_LAYERS):].split(".")[0] if name.startswith(recipe_mod.TEXT_LAYERS) else None
+        if layer is None or int(layer) not in added:
+            assert torch.equal(rebuilt[name], tensor), name
+        elif name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+            assert not rebuilt[name].any(), name  # an added layer's branches start at zero: identities
 
 
 def test_target_training_rounds_train_on_the_first_rows_they_name(tmp_path):
