@@ -80,3 +80,39 @@ def test_compressor_pooling_reports_mean_pooling_and_picking_apart():
         draft.compressor.queries.copy_(50 * (features[2] / features[2].norm() + features[12] / features[12].norm()))
     stats = module.pooling_stats(draft, samples)
     assert stats["normalised_entropy"] < 0.05 and stats["largest_weight"] > 0.98
+
+
+def test_compressor_diagnosis_counts_the_objects_the_latents_pick_and_scores_slots_as_training_does():
+    """Per object count, the distinct tokens the latents pick and the share of the objects' tokens among them; and
+    each slot's teacher-forced accuracy, the one training reports (`flash_loss`)."""
+    import torch
+
+    from vllm_flash.config import FlashConfig
+    from vllm_flash.modeling import FlashDraft, flash_loss
+    from vllm_flash.train import Sample, collate
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "world" / "compressor_pooling.py"
+    spec = importlib.util.spec_from_file_location("compressor_pooling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    draft = FlashDraft(FlashConfig(hidden_size=32, vocab_size=50, num_attention_heads=2, num_key_value_heads=1,
+                                   num_latents=2, compressor_key_norm=True))
+    frame = torch.randn(9, 32)
+    with torch.no_grad():  # both latents aimed hard at token 4
+        draft.compressor.queries.copy_(50 * frame[4] / frame[4].norm())
+    stats = module.object_coverage(draft, [(frame, [4, 7]), (frame, [4]), (frame, [1])])
+    assert stats == {2: {"images": 1, "distinct_picks": 1.0, "object_coverage": 0.5},
+                     1: {"images": 2, "distinct_picks": 1.0, "object_coverage": 0.5}}
+
+    draft.attach_target_head(torch.randn(50, 32), torch.randn(50, 32))
+    samples = [Sample(torch.randint(0, 50, (n,)), torch.randn(n, 32), frames=[(1, 3)], target_from=5)
+               for n in (12, 15, 9)]
+    accuracy = module.slot_accuracy(draft, samples, batch_size=2)
+    batch = collate(samples)
+    with torch.no_grad():
+        trained = flash_loss(draft, draft(batch["next_ids"], batch["inputs"], batch["frames"]), batch["features"],
+                             batch["target_mask"], batch["input_mask"], 1.0)
+    counts = trained.slot_count
+    assert len(accuracy) == 4 and all(0 <= a <= 1 for a in accuracy)
+    assert accuracy == [round(a, 4) for a in trained.slot_accuracy] and all(c > 0 for c in counts)
