@@ -119,6 +119,50 @@ def test_compressor_without_key_norm_pools_as_drafts_trained_before_it():
     assert make_draft(latents=3, compressor_key_norm=True).compressor.key_norm
 
 
+def test_compressor_exclusion_makes_latents_pick_different_tokens():
+    """Latents that all prefer one token pool it alike on their own; with exclusion each scores down what the
+    latents before it took, so they pick distinct tokens (still summing to 1 over the valid ones, padding 0).
+    A config without the field (every draft trained before it) has none."""
+    torch.manual_seed(0)
+    frames, valid = torch.randn(4, 9, HIDDEN), torch.ones(4, 9, dtype=torch.bool)
+    valid[0, 5:] = False
+    alone, excluding = LatentCompressor(3, HIDDEN), LatentCompressor(3, HIDDEN, exclusion=20.0)
+    with torch.no_grad():
+        for comp in (alone, excluding):
+            comp.queries.copy_(frames[:, 2].mean(0).expand(3, -1) * 3)  # every latent aimed at each frame's token 2
+    assert all(len(set(picks.tolist())) == 1 for picks in alone.weights(frames, valid).argmax(-1))
+    weights = excluding.weights(frames, valid)
+    assert all(len(set(picks.tolist())) == 3 for picks in weights.argmax(-1))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(4, 3))
+    assert (weights[0, :, 5:] == 0).all()
+    torch.testing.assert_close(excluding(frames, valid), weights.to(frames.dtype) @ frames)
+    assert make_draft(latents=3).compressor.exclusion == 0.0
+    assert make_draft(latents=3, compressor_exclusion=20.0).compressor.exclusion == 20.0
+
+
+def test_compressor_saliency_picks_the_tokens_that_stand_out_from_their_frame():
+    """With saliency every latent's scores favour the tokens far from their frame's mean: in frames of identical
+    background tokens and three objects, three exclusive latents pick exactly the objects, whatever their
+    queries prefer, where the same queries without it pick background cells too. A config without the field
+    (every draft trained before it) has no saliency weight, so its checkpoint still loads."""
+    torch.manual_seed(0)
+    frames = torch.randn(1, HIDDEN).expand(8, 9, HIDDEN).clone()  # one background token everywhere
+    objects = torch.stack([torch.randperm(9)[:3] for _ in range(8)])
+    for g, cells in enumerate(objects):
+        frames[g, cells] += 2 * torch.randn(3, HIDDEN)
+    valid = torch.ones(8, 9, dtype=torch.bool)
+    plain, salient = LatentCompressor(3, HIDDEN, exclusion=50.0), LatentCompressor(3, HIDDEN, exclusion=50.0,
+                                                                                    saliency=True)
+    with torch.no_grad():
+        salient.queries.copy_(plain.queries)
+        salient.saliency_scale.fill_(20.0)
+    picks = [set(p.tolist()) for p in salient.weights(frames, valid).argmax(-1)]
+    assert picks == [set(cells.tolist()) for cells in objects]
+    assert any(set(p.tolist()) != set(c.tolist()) for p, c in zip(plain.weights(frames, valid).argmax(-1), objects))
+    assert "compressor.saliency_scale" not in make_draft(latents=3).state_dict()
+    assert "compressor.saliency_scale" in make_draft(latents=3, compressor_saliency=True).state_dict()
+
+
 def test_latent_layout_runs_cover_all_latents_in_order():
     lengths = torch.tensor([16, 10, 3])
     layout = latent_layout(lengths, 4, 16)

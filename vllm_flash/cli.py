@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--latents", type=int, default=36)
     p.add_argument("--fusion", choices=["gated", "linear"], default="gated")
+    p.add_argument("--compressor-exclusion", type=float, default=0.0,
+                   help="how strongly each latent avoids the tokens the latents before it pooled (0: each pools "
+                        "on its own, as FLASH does; see README)")
+    p.add_argument("--compressor-saliency", action="store_true",
+                   help="every latent also favours the tokens that stand out from their frame (see README)")
     p.add_argument("--token-mixer", action=argparse.BooleanOptionalAction, default=True,
                    help="each draft slot after the first also reads the token drafted before it (see README)")
     p.add_argument("--target-layers", type=layer_ids, default=None, help=TARGET_LAYERS_HELP)

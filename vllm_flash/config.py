@@ -39,6 +39,11 @@ class FlashConfig(PretrainedConfig):
         # The compressor scores RMS-normalised visual features (`LatentCompressor`). False, the default for a
         # config without the field, is how drafts trained before it were trained; `for_target` sets True.
         compressor_key_norm: bool = False,
+        # How strongly a latent avoids the tokens the latents before it pooled (`LatentCompressor`): 0, each
+        # latent pools on its own (FLASH as published, and every draft trained before the field).
+        compressor_exclusion: float = 0.0,
+        # Whether every latent's scores also favour the tokens that stand out from their frame (`LatentCompressor`).
+        compressor_saliency: bool = False,
         fusion: str = "gated",
         slot_residual_gate: bool = False,
         slot_token_mixer: bool = False,
@@ -65,6 +70,8 @@ class FlashConfig(PretrainedConfig):
         self.num_speculative_tokens = num_speculative_tokens
         self.num_latents = num_latents
         self.compressor_key_norm = bool(compressor_key_norm)
+        self.compressor_exclusion = float(compressor_exclusion)
+        self.compressor_saliency = bool(compressor_saliency)
         self.fusion = fusion
         self.slot_residual_gate = slot_residual_gate
         # K = 1 has no slot after the first for a token mixer to correct

@@ -136,14 +136,21 @@ class LatentCompressor(nn.Module):
     so the pooling can pick out single tokens from the start. With unit-norm queries and raw keys, as before,
     the toy world's scores stayed below about 1 through training: every latent stayed near its frame's mean
     (pooling entropy 0.95 of uniform's), and more latents or heads changed nothing (README, "Train your own
-    draft"). key_norm=False scores the raw features: what drafts trained before were trained with."""
+    draft"). key_norm=False scores the raw features: what drafts trained before were trained with.
+
+    Two options (off in FLASH as published): `saliency` adds to every latent's scores a learned scale times how
+    far each token lies from its frame's mean, and `exclusion` > 0 pools latent by latent, each scoring down
+    the tokens the ones before it took. Together the toy world's latents pick nearly every object of a scene,
+    where independent ones left about one of five unpicked (README, "Train your own draft")."""
 
     QUERY_INIT_STD = 3.0
 
-    def __init__(self, num_latents: int, hidden: int, key_norm: bool = True, eps: float = 1e-6) -> None:
+    def __init__(self, num_latents: int, hidden: int, key_norm: bool = True, eps: float = 1e-6,
+                 exclusion: float = 0.0, saliency: bool = False) -> None:
         super().__init__()
-        self.key_norm, self.eps = key_norm, eps
+        self.key_norm, self.eps, self.exclusion = key_norm, eps, exclusion
         self.queries = nn.Parameter(torch.randn(num_latents, hidden) * self.QUERY_INIT_STD)
+        self.saliency_scale = nn.Parameter(torch.tensor(self.QUERY_INIT_STD)) if saliency else None
 
     def weights(self, frames: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """How each latent pools its frame: (G, C, L), each row summing to 1 over the valid tokens."""
@@ -151,7 +158,25 @@ class LatentCompressor(nn.Module):
         if self.key_norm:
             keys = keys * torch.rsqrt(keys.pow(2).mean(-1, keepdim=True) + self.eps)
         scores = torch.einsum("cd,gld->gcl", self.queries.float(), keys) / math.sqrt(frames.shape[-1])
-        return torch.softmax(scores.masked_fill(~valid[:, None, :], float("-inf")), dim=-1)
+        if self.saliency_scale is not None:
+            # how far each token stands from its frame's mean, relative to the frame's average such distance
+            mask = valid[..., None].float()
+            mean = (frames.float() * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+            distance = (frames.float() - mean).pow(2).mean(-1).sqrt() * valid
+            distance = distance / (distance.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+                                   ).clamp(min=self.eps)
+            scores = scores + self.saliency_scale * distance[:, None, :]
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        if not self.exclusion:
+            return torch.softmax(scores, dim=-1)
+        # latent by latent, each scoring down what the ones before it took: independent latents picked the same
+        # object twice and left one of a 4- or 5-object scene out (README, "Train your own draft")
+        taken = torch.zeros_like(scores[:, 0])
+        weights = []
+        for c in range(scores.shape[1]):
+            weights.append(torch.softmax(scores[:, c] - self.exclusion * taken, dim=-1))
+            taken = taken + weights[-1]
+        return torch.stack(weights, dim=1)
 
     def forward(self, frames: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """frames: (G, L, d) padded visual features; valid: (G, L) bool. Returns (G, C, d)."""
@@ -284,7 +309,8 @@ class FlashDraft(nn.Module):
         self.feature_combiner = TargetLayerCombiner(d, len(config.target_layer_ids), config.rms_norm_eps) \
             if config.target_layer_ids else None
         self.fusion = Fusion(d, config.fusion)
-        self.compressor = LatentCompressor(config.num_latents, d, config.compressor_key_norm, config.rms_norm_eps) \
+        self.compressor = LatentCompressor(config.num_latents, d, config.compressor_key_norm, config.rms_norm_eps,
+                                           config.compressor_exclusion, config.compressor_saliency) \
             if config.num_latents > 0 else None
         self.slot_embedding = nn.Parameter(torch.randn(k - 1, d) * 0.02)
         self.slot_gate = nn.Parameter(torch.ones(k - 1)) if config.slot_residual_gate else None

@@ -186,7 +186,9 @@ def run_train(args) -> int:
     target_config = load_target_config(target)
     config = FlashConfig.for_target(target_config, num_speculative_tokens=args.k, num_latents=args.latents,
                                     fusion=args.fusion, slot_token_mixer=args.token_mixer,
-                                    target_layer_ids=args.target_layers)
+                                    target_layer_ids=args.target_layers,
+                                    compressor_exclusion=args.compressor_exclusion,
+                                    compressor_saliency=args.compressor_saliency)
     torch.manual_seed(args.seed)
     draft = FlashDraft(config)
     draft.attach_target_head(*load_target_head(target))
