@@ -52,22 +52,30 @@ def test_image_size_ab_trains_each_arm_on_its_own_image_size(tmp_path, monkeypat
         assert 0 <= r["heldout_served"]["exact_match"] <= 1 and 0 <= r["heldout_served"]["word_accuracy"] <= 1
 
 
-def test_compressor_pooling_reports_mean_pooling_and_picking_apart():
-    """Zero queries pool every frame to its mean (entropy 1 of uniform's, largest weight 1/L); a query pointed
-    hard at one token picks it out (entropy near 0, largest weight near 1)."""
+def _compressor_pooling_and_draft(latents: int):
+    """benchmarks/world/compressor_pooling.py as a module, and a tiny seeded draft with `latents` latents."""
     import torch
 
     from vllm_flash.config import FlashConfig
     from vllm_flash.modeling import FlashDraft
-    from vllm_flash.train import Sample
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "world" / "compressor_pooling.py"
     spec = importlib.util.spec_from_file_location("compressor_pooling", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     torch.manual_seed(0)
-    draft = FlashDraft(FlashConfig(hidden_size=32, vocab_size=50, num_attention_heads=2, num_key_value_heads=1,
-                                   num_latents=1, compressor_key_norm=True))
+    return module, FlashDraft(FlashConfig(hidden_size=32, vocab_size=50, num_attention_heads=2,
+                                          num_key_value_heads=1, num_latents=latents, compressor_key_norm=True))
+
+
+def test_compressor_pooling_reports_mean_pooling_and_picking_apart():
+    """Zero queries pool every frame to its mean (entropy 1 of uniform's, largest weight 1/L); a query pointed
+    hard at one token picks it out (entropy near 0, largest weight near 1)."""
+    import torch
+
+    from vllm_flash.train import Sample
+
+    module, draft = _compressor_pooling_and_draft(latents=1)
     features = torch.randn(20, 32)
     samples = [Sample(torch.zeros(20, dtype=torch.long), features, frames=[(2, 8), (12, 4), (19, 1)]),
                Sample(torch.zeros(20, dtype=torch.long), features)]  # no frames: skipped
@@ -87,17 +95,10 @@ def test_compressor_diagnosis_counts_the_objects_the_latents_pick_and_scores_slo
     each slot's teacher-forced accuracy, the one training reports (`flash_loss`)."""
     import torch
 
-    from vllm_flash.config import FlashConfig
-    from vllm_flash.modeling import FlashDraft, flash_loss
+    from vllm_flash.modeling import flash_loss
     from vllm_flash.train import Sample, collate
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "world" / "compressor_pooling.py"
-    spec = importlib.util.spec_from_file_location("compressor_pooling", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.manual_seed(0)
-    draft = FlashDraft(FlashConfig(hidden_size=32, vocab_size=50, num_attention_heads=2, num_key_value_heads=1,
-                                   num_latents=2, compressor_key_norm=True))
+    module, draft = _compressor_pooling_and_draft(latents=2)
     frame = torch.randn(9, 32)
     with torch.no_grad():  # both latents aimed hard at token 4
         draft.compressor.queries.copy_(50 * frame[4] / frame[4].norm())
