@@ -66,16 +66,21 @@ class Recorder:
                    torch.stack([features[p] for p in range(anchor + 1)]), step["logits"])
 
 
-@pytest.mark.parametrize("kind,mixer,layers", [("qwen2_5_vl", False, None), ("llava", False, None),
-                                               ("qwen2_5_vl", True, None), ("llava", False, [1, 2])])
-def test_vllm_draft_logits_equal_reference(kind, mixer, layers, request, tmp_path, monkeypatch):
+SHIPPED_COMPRESSOR = {"compressor_saliency": True, "compressor_exclusion": 5.0}  # the toy world's flash
+
+
+@pytest.mark.parametrize("kind,mixer,layers,compressor", [
+    ("qwen2_5_vl", False, None, {}), ("llava", False, None, {}), ("qwen2_5_vl", True, None, {}),
+    ("llava", False, [1, 2], {}), ("qwen2_5_vl", True, [1, 2], SHIPPED_COMPRESSOR)])
+def test_vllm_draft_logits_equal_reference(kind, mixer, layers, compressor, request, tmp_path, monkeypatch):
     """With a token mixer, vLLM drafts slot by slot from the tokens it drafted, as the reference does. A draft
     reading several target layers is handed their states by vLLM's runner and combines them as the reference
-    combines the same states."""
+    combines the same states. The compressor options pool each frame in vLLM's flat token axis as the reference
+    pools it."""
     target = request.getfixturevalue("qwen_target" if kind == "qwen2_5_vl" else "llava_target")
     torch.manual_seed(0)
     draft = init_draft_for_target(target, num_speculative_tokens=4, num_latents=4, slot_token_mixer=mixer,
-                                  target_layer_ids=layers)
+                                  target_layer_ids=layers, **compressor)
     if mixer:
         with torch.no_grad():
             draft.token_mixer.out.weight.normal_(0, 0.3)  # a fresh one changes nothing

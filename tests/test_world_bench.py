@@ -301,8 +301,9 @@ def test_bench_runs_every_method_losslessly_and_writes_results(tmp_path):
     from vllm_flash.cli import main
 
     assert main(["bench", "--tasks", "image_caption,video_caption", "--batch-sizes", "1,2", "--repeats", "1",
-                 "--max-tokens", "12", "--results", str(tmp_path)]) == 0
+                 "--max-tokens", "12", "--batch1-requests", "3", "--results", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "latest.json").read_text())
+    assert result["batch1_requests"] == 3
     assert {"machine", "vllm_version", "rows"} <= set(result)
     assert set(result["target_exact_match"]) == {"image_caption", "video_caption"}
     greedy = [r for r in result["rows"] if r["temperature"] == 0.0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .bench import REPO_ASSETS
+from .bench import REPO_ASSETS, BenchConfig
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="1,4,16")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--batch1-requests", type=int, default=4, help="requests run one after another at batch 1")
+    p.add_argument("--batch1-requests", type=int, default=BenchConfig.batch1_requests, help="requests run one after another at batch 1")
     p.add_argument("--greedy-only", action="store_true", help="skip the temperature-1 tau rows")
     p.add_argument("--results", default="benchmarks/results", help="where latest.json/.md and the plots go")
     p.set_defaults(func=cmd_bench)
