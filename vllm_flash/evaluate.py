@@ -48,8 +48,9 @@ def acceptance_summary(metrics: dict, k: int) -> dict:
 
 
 def compare(target: str, draft: str, requests: list, k: int, max_tokens: int, engine: dict | None = None,
-            repeats: int = 1) -> dict:
-    """Run `requests` through plain vLLM and through FLASH; tau, acceptance and the speed ratio."""
+            repeats: int = 1, method: str = "flash") -> dict:
+    """Run `requests` through plain vLLM and through the draft (FLASH, or another of vLLM's draft-model methods
+    such as eagle3); tau, acceptance and the speed ratio."""
     from vllm import LLM, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
@@ -58,7 +59,7 @@ def compare(target: str, draft: str, requests: list, k: int, max_tokens: int, en
     options.update(engine or {})
     results = {}
     for name, spec in (("none", None),
-                       ("flash", {"method": "flash", "model": draft, "num_speculative_tokens": k})):
+                       ("flash", {"method": method, "model": draft, "num_speculative_tokens": k})):
         llm = LLM(speculative_config=spec, **options)
         llm.generate(requests[:1], params, use_tqdm=False)  # warm-up
         before = spec_metrics(llm)

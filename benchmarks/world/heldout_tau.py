@@ -4,9 +4,9 @@ The bench's few requests a cell and the 60 held-out rows of `build/world/data` m
 the mix of rows (on 60 answers the shipped compressor seemed to lose 0.04 of tau that 600 answers did not show).
 This writes N held-out rows per task (once, into --rows-dir) and scores each draft on them with
 `vllm-flash eval`'s comparison: greedy, against plain vLLM in the same run, so it also checks that every output
-is identical.
+is identical. A `speculators` EAGLE-3 draft (`eagle3`) is served by vLLM's eagle3 at K = 4.
 
-    .venv/bin/python benchmarks/world/heldout_tau.py --drafts flash,flash_nocompress [--rows 600] \
+    .venv/bin/python benchmarks/world/heldout_tau.py --drafts flash,flash_nocompress,eagle3 [--rows 600] \
         [--tasks image_caption,visual_qa] [--results benchmarks/results]
 
 A draft is a name under ASSETS/drafts or NAME=DIR. Writes RESULTS/heldout_tau.{json,md}.
@@ -45,9 +45,10 @@ def score(target: Path, drafts: dict[str, Path], tasks: list[str], rows: int, ro
             raise SystemExit(f"held-out rows of {task} unusable: {bad}")
         for name, draft in drafts.items():
             start = time.perf_counter()
-            k_draft = json.loads((draft / "config.json").read_text())["num_speculative_tokens"]
-            r = compare(str(target), str(draft), requests, min(k, k_draft), max_tokens,
-                        engine={"limit_mm_per_prompt": limits})
+            config = json.loads((draft / "config.json").read_text())
+            eagle3 = "speculators_model_type" in config  # a `speculators` EAGLE-3 draft, for vLLM's eagle3
+            r = compare(str(target), str(draft), requests, k if eagle3 else min(k, config["num_speculative_tokens"]),
+                        max_tokens, engine={"limit_mm_per_prompt": limits}, method="eagle3" if eagle3 else "flash")
             results["tasks"].setdefault(task, {})[name] = {
                 "tau": round(r["tau"], 4), "acceptance_per_position": [round(a, 4) for a in r["acceptance_per_position"]],
                 "identical_to_none": r["identical_to_none"], "seconds": round(time.perf_counter() - start, 1)}
@@ -64,9 +65,10 @@ def markdown(results: dict) -> str:
     for task, by_draft in results["tasks"].items():
         identical = all(r["identical_to_none"] for r in by_draft.values())
         lines.append(f"| {task} | " + " | ".join(f"{by_draft[n]['tau']:.3f}" for n in names) + f" | {identical} |")
-    if "flash" in names and "flash_nocompress" in names:
-        lines += ["", "flash / flash_nocompress tau: " + ", ".join(
-            f"{task} {d['flash']['tau'] / d['flash_nocompress']['tau']:.3f}" for task, d in results["tasks"].items())]
+    for other in ("flash_nocompress", "eagle3"):
+        if "flash" in names and other in names:
+            lines += ["", f"flash / {other} tau: " + ", ".join(
+                f"{task} {d['flash']['tau'] / d[other]['tau']:.3f}" for task, d in results["tasks"].items())]
     return "\n".join(lines) + "\n"
 
 
