@@ -59,7 +59,7 @@ def compare(target: str, draft: str, requests: list, k: int, max_tokens: int, en
     options.update(engine or {})
     results = {}
     for name, spec in (("none", None),
-                       ("flash", {"method": method, "model": draft, "num_speculative_tokens": k})):
+                       (method, {"method": method, "model": draft, "num_speculative_tokens": k})):
         llm = LLM(speculative_config=spec, **options)
         llm.generate(requests[:1], params, use_tqdm=False)  # warm-up
         before = spec_metrics(llm)
@@ -71,15 +71,15 @@ def compare(target: str, draft: str, requests: list, k: int, max_tokens: int, en
         results[name] = (outputs, sorted(times)[len(times) // 2], metrics_delta(spec_metrics(llm), before))
         del llm
         gc.collect()
-    plain, flash = results["none"], results["flash"]
-    summary = acceptance_summary(flash[2], k)
-    tokens = sum(len(o.outputs[0].token_ids) for o in flash[0])
+    plain, drafted = results["none"], results[method]
+    summary = acceptance_summary(drafted[2], k)
+    tokens = sum(len(o.outputs[0].token_ids) for o in drafted[0])
     return {
         **summary,
-        "speedup_vs_none": plain[1] / flash[1],
-        "output_tokens_per_s": {"none": tokens / plain[1], "flash": tokens / flash[1]},
+        "speedup_vs_none": plain[1] / drafted[1],
+        "output_tokens_per_s": {"none": tokens / plain[1], method: tokens / drafted[1]},
         "identical_to_none": all(list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
-                                 for a, b in zip(plain[0], flash[0])),
+                                 for a, b in zip(plain[0], drafted[0])),
         "requests": len(requests), "k": k,
     }
 
