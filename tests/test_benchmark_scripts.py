@@ -121,15 +121,15 @@ def test_compressor_diagnosis_counts_the_objects_the_latents_pick_and_scores_slo
 
 def test_heldout_tau_scores_each_draft_on_the_same_heldout_rows_against_plain_vllm(tmp_path):
     """The held-out rows are written once (a second run reads them), every draft is scored on the same rows with
-    its outputs compared to plain vLLM's (the EAGLE-3 draft through vLLM's eagle3), and the table gives flash's
-    tau over flash_nocompress's and eagle3's."""
+    its outputs compared to plain vLLM's (the EAGLE-3 draft through vLLM's eagle3), one question kind at a time
+    (the task's tau is the parts' summed), and the table gives flash's tau over flash_nocompress's and eagle3's."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "world" / "heldout_tau.py"
     spec = importlib.util.spec_from_file_location("heldout_tau", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     rows_dir, results = tmp_path / "rows", tmp_path / "results"
     argv = ["--drafts", "flash,flash_nocompress,eagle3", "--tasks", "visual_qa", "--rows", "3", "--max-tokens", "24",
-            "--rows-dir", str(rows_dir), "--results", str(results)]
+            "--rows-dir", str(rows_dir), "--results", str(results), "--by-question-kind", "--output", "by_kind"]
     first = module.main(argv)
     rows = rows_dir / "visual_qa-heldout-3.jsonl"
     assert len(rows.read_text().splitlines()) == 3 and len(list((rows_dir / "visual_qa-heldout").glob("*.png"))) == 3
@@ -137,12 +137,19 @@ def test_heldout_tau_scores_each_draft_on_the_same_heldout_rows_against_plain_vl
     assert set(by_draft) == {"flash", "flash_nocompress", "eagle3"}
     for r in by_draft.values():
         assert r["identical_to_none"] and 1 <= r["tau"] <= 5 and len(r["acceptance_per_position"]) == 4
-    written = json.loads((results / "heldout_tau.json").read_text())
+    kinds = first["question_kinds"]  # the first three held-out questions: two shape counts, one "where is"
+    assert {kind: part["rows"] for kind, part in kinds.items()} == {"shape_count": 2, "where": 1}
+    for name, r in by_draft.items():
+        steps = sum(part[name]["verify_steps"] for part in kinds.values())
+        summed = 1 + sum((part[name]["tau"] - 1) * part[name]["verify_steps"] for part in kinds.values()) / steps
+        assert abs(r["tau"] - summed) < 1e-3 and all(part[name]["identical_to_none"] for part in kinds.values())
+    written = json.loads((results / "by_kind.json").read_text())
     assert written["tasks"] == first["tasks"] and written["rows"] == 3
-    table = (results / "heldout_tau.md").read_text()
+    table = (results / "by_kind.md").read_text()
     for other in ("flash_nocompress", "eagle3"):
         ratio = by_draft["flash"]["tau"] / by_draft[other]["tau"]
         assert f"flash / {other} tau: visual_qa {ratio:.3f}" in table
+    assert f"| where | 1 | {kinds['where']['flash']['tau']:.3f} |" in table
     stamp = rows.stat().st_mtime_ns
     module.heldout_rows(rows_dir, "visual_qa", 3, 84)
     assert rows.stat().st_mtime_ns == stamp  # not written again

@@ -180,7 +180,7 @@ def test_hf_features_agree_with_the_features_vllm_gives_the_draft(media, layers,
 
 def test_training_raises_tau_in_vllm_and_the_export_is_lossless(qwen_target, tmp_path):
     from vllm_flash.cli import main
-    from vllm_flash.evaluate import compare, requests_from_data
+    from vllm_flash.evaluate import compare, draft_config, requests_from_data
 
     data = write_toy_dataset(tmp_path / "data", n_good=16, with_bad=False, with_video=False)
     out = tmp_path / "draft"
@@ -194,8 +194,9 @@ def test_training_raises_tau_in_vllm_and_the_export_is_lossless(qwen_target, tmp
     save_draft(init_draft_for_target(qwen_target, num_latents=4), tmp_path / "untrained")
     requests, limits, _ = requests_from_data(str(qwen_target), str(data))
     engine = {"limit_mm_per_prompt": limits}
-    before = compare(str(qwen_target), str(tmp_path / "untrained"), requests, 4, 32, engine)
-    after = compare(str(qwen_target), str(out), requests, 4, 32, engine)
+    r = compare(str(qwen_target), {"before": draft_config(tmp_path / "untrained", 4), "after": draft_config(out, 4)},
+                requests, 32, engine)
+    before, after = r["before"], r["after"]
     assert after["identical_to_none"] and before["identical_to_none"]
     assert after["tau"] >= before["tau"] + 0.8, (before["tau"], after["tau"])
     assert math.isfinite(after["speedup_vs_none"])

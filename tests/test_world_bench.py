@@ -285,6 +285,64 @@ def test_accuracy_scores_the_split_it_is_asked_about(monkeypatch):
     assert all(held_out[task]["exact_match"] < 1.0 for task in world.TASKS)
 
 
+def test_eval_measures_flash_eagle3_and_ngram_side_by_side_against_plain_vllm(tmp_path):
+    """`vllm-flash eval`, the command a user measures their own drafts with, run as a user runs it: each draft's
+    method is read from its folder, ngram runs beside them, every output is compared with plain vLLM's."""
+    from vllm_flash import world
+
+    rows = world.write_split(tmp_path, "visual_qa", "heldout", 2, world.image_size_of(REPO_ASSETS / "target"))
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "vllm_flash.cli", "eval", "--target", str(REPO_ASSETS / "target"), "--data", str(rows),
+           "--image-root", str(tmp_path), "--draft", str(REPO_ASSETS / "drafts" / "flash"),
+           "--draft", str(REPO_ASSETS / "drafts" / "eagle3"), "--ngram", "--max-tokens", "24", "--repeats", "1",
+           "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["requests"] == 2 and result["output_tokens"] > 10 and result["none"]["output_tokens_per_s"] > 0
+    for name, method in (("flash", "flash"), ("eagle3", "eagle3"), ("ngram", "ngram")):
+        r = result[name]
+        assert r["method"] == method and r["k"] == 4 and r["identical_to_none"]
+        assert 1 <= r["tau"] <= 5 and len(r["acceptance_per_position"]) == 4 and r["speedup_vs_none"] > 0
+        assert f"| {name} | 4 | {r['tau']:.2f} |" in done.stdout
+    assert result["flash"]["tau"] > result["ngram"]["tau"]  # a trained draft beats prompt lookup on this world
+
+
+def test_eval_names_what_is_wrong_with_its_drafts_and_fails_when_outputs_differ(tmp_path, monkeypatch, capsys):
+    from vllm_flash import evaluate
+    from vllm_flash.cli import main
+
+    flash, k1, eagle3 = (str(REPO_ASSETS / "drafts" / name) for name in ("flash", "flash_k1", "eagle3"))
+    data = ["--target", str(REPO_ASSETS / "target"), "--data", str(tmp_path / "rows.jsonl")]
+    with pytest.raises(SystemExit, match="nothing to measure"):
+        main(["eval", *data])
+    with pytest.raises(SystemExit, match=f"no draft at {tmp_path}"):
+        main(["eval", *data, "--draft", str(tmp_path)])
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(SystemExit, match="neither a FLASH draft.*'llama'"):
+        main(["eval", *data, "--draft", str(tmp_path)])
+    # K: what each FLASH draft was built for unless asked; two drafts of one method are told apart by folder
+    runs = evaluate.eval_runs([flash, k1, eagle3], ngram=True, k=None)
+    assert {name: (r["method"], r["num_speculative_tokens"]) for name, r in runs.items()} == {
+        "flash:flash": ("flash", 4), "flash:flash_k1": ("flash", 1), "eagle3": ("eagle3", 4), "ngram": ("ngram", 4)}
+    assert {r["num_speculative_tokens"] for r in evaluate.eval_runs([flash, eagle3], False, 3).values()} == {3}
+
+    (tmp_path / "rows.jsonl").write_text('{"id": "x", "conversations": []}\n')
+    with pytest.raises(SystemExit, match="no usable rows"):
+        main(["eval", *data, "--draft", flash])
+
+    def differing(target, runs, requests, max_tokens, engine=None, repeats=1):
+        measured = {"method": "flash", "k": 4, "tau": 3.0, "acceptance_per_position": [0.5] * 4,
+                    "output_tokens_per_s": 1.0, "speedup_vs_none": 1.0, "identical_to_none": False, "metrics": {}}
+        return {"requests": 1, "max_tokens": max_tokens, "output_tokens": 1, "none": {"output_tokens_per_s": 1.0},
+                "flash": measured}
+
+    monkeypatch.setattr(evaluate, "compare", differing)
+    monkeypatch.setattr(evaluate, "requests_from_data", lambda *a: ([{"prompt": "x"}], {"image": 1}, {}))
+    assert main(["eval", *data, "--draft", flash]) == 1
+    assert "differ from plain vLLM's" in capsys.readouterr().out
+
+
 # Runs before the bench test: once vLLM's ngram proposer has imported numba in this process, vLLM 0.32 cannot
 # start another engine here (see vllm_flash/bench.py, which builds the ngram engine last for that reason).
 def test_demo_captions_heldout_media_losslessly(capsys):

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .evaluate import acceptance_summary, engine_env
+from .evaluate import NGRAM, acceptance_summary, engine_env, sum_metrics
 
 METHODS = ("none", "ngram", "eagle3", "flash", "flash_nocompress", "flash_k1")
 BATCH_SIZES = (1, 4, 16)
@@ -60,8 +60,7 @@ def spec_config(method: str, cfg: BenchConfig) -> dict | None:
     if method == "none":
         return None
     if method == "ngram":
-        return {"method": "ngram", "num_speculative_tokens": cfg.k, "prompt_lookup_min": 2,
-                "prompt_lookup_max": 5}
+        return {**NGRAM, "num_speculative_tokens": cfg.k}
     if method not in cfg.drafts:
         raise ValueError(f"method {method!r} needs a draft directory (have: {sorted(cfg.drafts)})")
     k = 1 if method == "flash_k1" else cfg.k
@@ -258,7 +257,7 @@ def run_bench(cfg: BenchConfig, results_dir: Path, log=print) -> dict:
                                    for key in ("steps", "target_forward", "propose", "other")},
                        "tokens_per_step": round(statistics.median(s["tokens_per_step"] for s in runs), 2)}
                 if method != "none":
-                    acc = _acceptance(_sum_metrics([s["metrics"] for s in runs]), k)
+                    acc = _acceptance(sum_metrics([s["metrics"] for s in runs]), k)
                     row["tau"], row["acceptance_per_position"] = acc["tau"], acc["acceptance_per_position"]
                     propose = [s["propose_ms"] for s in samples[(task, method, 1)] if s["propose_ms"]] \
                         if 1 in cfg.batch_sizes else []
@@ -300,17 +299,6 @@ def _acceptance(counts: dict, k: int) -> dict:
         return {"tau": None, "acceptance_per_position": None}
     acc = acceptance_summary(counts, k)
     return {"tau": round(acc["tau"], 3), "acceptance_per_position": [round(x, 3) for x in acc["acceptance_per_position"]]}
-
-
-def _sum_metrics(deltas: list[dict]) -> dict:
-    total: dict = {}
-    for d in deltas:
-        for key, value in d.items():
-            if isinstance(value, list):
-                total[key] = [a + b for a, b in zip(total.get(key) or [0] * len(value), value)]
-            else:
-                total[key] = total.get(key, 0) + value
-    return total
 
 
 def _fmt(value, spec: str = ".2f") -> str:

@@ -131,10 +131,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("eval", help="tau, acceptance per position and speed-up of a draft in vLLM")
     p.add_argument("--target", required=True)
-    p.add_argument("--draft", required=True)
+    p.add_argument("--draft", action="append",
+                   help="a FLASH or speculators EAGLE-3 draft directory (the method is read from its config); "
+                        "repeat to measure several side by side")
+    p.add_argument("--ngram", action="store_true", help="also measure vLLM's ngram prompt lookup")
     p.add_argument("--data", required=True)
     p.add_argument("--image-root", default=None)
-    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--k", type=int, default=None,
+                   help="draft tokens per step (default: the K a FLASH draft was built for, else 4)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="write the results as JSON here")

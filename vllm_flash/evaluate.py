@@ -1,6 +1,7 @@
-"""Acceptance and speed of a FLASH draft in vLLM, measured against plain vLLM in the same run.
+"""Acceptance and speed of drafts in vLLM (FLASH, EAGLE-3, ngram), measured against plain vLLM in the same run.
 
-    vllm-flash eval --target TARGET_DIR --draft DRAFT_DIR --data heldout.jsonl [--k 4] [--json out.json]
+    vllm-flash eval --target TARGET_DIR --data heldout.jsonl --draft DRAFT_DIR [--draft EAGLE3_DIR] [--ngram] \
+        [--k 4] [--json out.json]
 """
 from __future__ import annotations
 
@@ -36,6 +37,18 @@ def metrics_delta(after: dict, before: dict) -> dict:
                   else value - before.get(key, 0)) for key, value in after.items()}
 
 
+def sum_metrics(deltas: list[dict]) -> dict:
+    """`metrics_delta`s of several runs added up."""
+    total: dict = {}
+    for d in deltas:
+        for key, value in d.items():
+            if isinstance(value, list):
+                total[key] = [a + b for a, b in zip(total.get(key) or [0] * len(value), value)]
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
+
+
 def acceptance_summary(metrics: dict, k: int) -> dict:
     drafts = metrics.get("num_drafts", 0) or 0
     accepted = metrics.get("num_accepted_tokens", 0) or 0
@@ -47,19 +60,47 @@ def acceptance_summary(metrics: dict, k: int) -> dict:
     }
 
 
-def compare(target: str, draft: str, requests: list, k: int, max_tokens: int, engine: dict | None = None,
-            repeats: int = 1, method: str = "flash") -> dict:
-    """Run `requests` through plain vLLM and through the draft (FLASH, or another of vLLM's draft-model methods
-    such as eagle3); tau, acceptance and the speed ratio."""
+# vLLM's prompt lookup as the bench and `vllm-flash eval --ngram` run it: 2- to 5-grams.
+NGRAM = {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+
+
+def draft_method(draft: str | Path) -> str:
+    """The vLLM method that serves the draft in `draft`: "flash", or "eagle3" for a `speculators` EAGLE-3 draft."""
+    path = Path(draft) / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"no draft at {draft}: {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path} is not valid JSON: {e}") from None
+    if config.get("model_type") == "flash_draft":
+        return "flash"
+    if "speculators_model_type" in config:
+        return "eagle3"
+    raise SystemExit(f"{draft} is neither a FLASH draft (model_type flash_draft) nor a speculators EAGLE-3 draft "
+                     f"(speculators_model_type); its model_type is {config.get('model_type')!r}")
+
+
+def draft_config(draft: str | Path, k: int) -> dict:
+    """vLLM's speculative_config for the draft in `draft` at K = k."""
+    return {"method": draft_method(draft), "model": str(draft), "num_speculative_tokens": k}
+
+
+def compare(target: str, runs: dict[str, dict], requests: list, max_tokens: int, engine: dict | None = None,
+            repeats: int = 1) -> dict:
+    """Run `requests` greedily through plain vLLM and through each speculative_config in `runs` (name -> config),
+    one engine at a time. For each run: tau, acceptance, the speed ratio to plain vLLM, whether every output is
+    identical to plain vLLM's, and the raw spec-decode counters (to sum over parts)."""
     from vllm import LLM, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     options = dict(model=target, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
                    disable_log_stats=False)
     options.update(engine or {})
-    results = {}
-    for name, spec in (("none", None),
-                       (method, {"method": method, "model": draft, "num_speculative_tokens": k})):
+    measured = {}
+    # ngram last: once its numba kernels are loaded, vLLM 0.32 cannot start another engine in this process.
+    order = ["none", *sorted(runs, key=lambda name: runs[name]["method"] == "ngram")]
+    for name, spec in ((name, runs.get(name)) for name in order):
         llm = LLM(speculative_config=spec, **options)
         llm.generate(requests[:1], params, use_tqdm=False)  # warm-up
         before = spec_metrics(llm)
@@ -68,20 +109,25 @@ def compare(target: str, draft: str, requests: list, k: int, max_tokens: int, en
             start = time.perf_counter()
             outputs = llm.generate(requests, params, use_tqdm=False)
             times.append(time.perf_counter() - start)
-        results[name] = (outputs, sorted(times)[len(times) // 2], metrics_delta(spec_metrics(llm), before))
+        measured[name] = (outputs, sorted(times)[len(times) // 2], metrics_delta(spec_metrics(llm), before))
         del llm
         gc.collect()
-    plain, drafted = results["none"], results[method]
-    summary = acceptance_summary(drafted[2], k)
-    tokens = sum(len(o.outputs[0].token_ids) for o in drafted[0])
-    return {
-        **summary,
-        "speedup_vs_none": plain[1] / drafted[1],
-        "output_tokens_per_s": {"none": tokens / plain[1], method: tokens / drafted[1]},
-        "identical_to_none": all(list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
-                                 for a, b in zip(plain[0], drafted[0])),
-        "requests": len(requests), "k": k,
-    }
+    plain_outputs, plain_seconds, _ = measured["none"]
+    tokens = sum(len(o.outputs[0].token_ids) for o in plain_outputs)
+    result = {"requests": len(requests), "max_tokens": max_tokens, "output_tokens": tokens,
+              "none": {"output_tokens_per_s": tokens / plain_seconds}}
+    for name, spec in runs.items():
+        outputs, seconds, metrics = measured[name]
+        result[name] = {
+            "method": spec["method"], "k": spec["num_speculative_tokens"],
+            **acceptance_summary(metrics, spec["num_speculative_tokens"]),
+            "output_tokens_per_s": sum(len(o.outputs[0].token_ids) for o in outputs) / seconds,
+            "speedup_vs_none": plain_seconds / seconds,
+            "identical_to_none": all(list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+                                     for a, b in zip(plain_outputs, outputs)),
+            "metrics": metrics,
+        }
+    return result
 
 
 def requests_from_data(target: str, data: str, image_root: str | None = None) -> tuple[list, dict, dict]:
@@ -98,19 +144,50 @@ def requests_from_data(target: str, data: str, image_root: str | None = None) ->
     return requests, limits, dict(report.counts)
 
 
+def eval_runs(drafts: list[str], ngram: bool, k: int | None) -> dict[str, dict]:
+    """`vllm-flash eval`'s runs: each draft under its method's name (with its folder's name where two share a
+    method), then ngram. K defaults to what a FLASH draft was built for, and to 4 otherwise."""
+    configs = []
+    for draft in drafts:
+        method = draft_method(draft)
+        if k is None and method == "flash":
+            configs.append(draft_config(draft, json.loads((Path(draft) / "config.json").read_text())
+                                        ["num_speculative_tokens"]))
+        else:
+            configs.append(draft_config(draft, k or 4))
+    methods = [c["method"] for c in configs]
+    runs = {(c["method"] if methods.count(c["method"]) == 1 else f"{c['method']}:{Path(c['model']).name}"): c
+            for c in configs}
+    if len(runs) < len(configs):
+        raise SystemExit(f"vllm-flash eval: two drafts share a name: {drafts}")
+    if ngram:
+        runs["ngram"] = {**NGRAM, "num_speculative_tokens": k or 4}
+    return runs
+
+
 def run_eval(args) -> int:
+    if not args.draft and not args.ngram:
+        raise SystemExit("vllm-flash eval: nothing to measure; give --draft DIR (FLASH or EAGLE-3) and/or --ngram")
+    runs = eval_runs(args.draft or [], args.ngram, args.k)
     engine_env()
     requests, limits, bad = requests_from_data(args.target, args.data, args.image_root)
     if not requests:
         raise SystemExit(f"vllm-flash eval: no usable rows in {args.data} ({bad})")
-    result = compare(args.target, args.draft, requests, args.k, args.max_tokens,
-                     engine={"limit_mm_per_prompt": limits}, repeats=args.repeats)
+    result = compare(args.target, runs, requests, args.max_tokens, engine={"limit_mm_per_prompt": limits},
+                     repeats=args.repeats)
     result["bad_rows"] = bad
-    print(f"requests: {result['requests']}  (bad rows skipped: {bad or 'none'})")
-    print("| tau | acceptance per position | speed-up vs none | identical to none |")
-    print("|---|---|---|---|")
-    print(f"| {result['tau']:.2f} | {' / '.join(f'{a:.2f}' for a in result['acceptance_per_position'])} | "
-          f"{result['speedup_vs_none']:.2f}x | {result['identical_to_none']} |")
+    print(f"requests: {result['requests']}  (bad rows skipped: {bad or 'none'}); plain vLLM "
+          f"{result['none']['output_tokens_per_s']:.1f} tokens/s")
+    print("| run | K | tau | acceptance per position | tokens/s | speed-up vs none | identical to none |")
+    print("|---|---|---|---|---|---|---|")
+    for name in runs:
+        r = result[name]
+        print(f"| {name} | {r['k']} | {r['tau']:.2f} | {' / '.join(f'{a:.2f}' for a in r['acceptance_per_position'])}"
+              f" | {r['output_tokens_per_s']:.1f} | {r['speedup_vs_none']:.2f}x | {r['identical_to_none']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    differ = [name for name in runs if not result[name]["identical_to_none"]]
+    if differ:
+        print(f"vllm-flash eval: greedy outputs of {differ} differ from plain vLLM's; please report this as a bug")
+        return 1
     return 0

@@ -7,9 +7,10 @@ This writes N held-out rows per task (once, into --rows-dir) and scores each dra
 is identical. A `speculators` EAGLE-3 draft (`eagle3`) is served by vLLM's eagle3 at K = 4.
 
     .venv/bin/python benchmarks/world/heldout_tau.py --drafts flash,flash_nocompress,eagle3 [--rows 600] \
-        [--tasks image_caption,visual_qa] [--results benchmarks/results]
+        [--tasks image_caption,visual_qa] [--by-question-kind] [--results benchmarks/results] [--output heldout_tau]
 
-A draft is a name under ASSETS/drafts or NAME=DIR. Writes RESULTS/heldout_tau.{json,md}.
+A draft is a name under ASSETS/drafts or NAME=DIR. Plain vLLM runs once per task (per question kind with
+--by-question-kind), the drafts after it. Writes RESULTS/OUTPUT.{json,md}.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from vllm_flash import world
 from vllm_flash.bench import REPO_ASSETS
+from vllm_flash.evaluate import draft_method
 
 
 def heldout_rows(rows_dir: Path, task: str, rows: int, image_size: int) -> Path:
@@ -31,28 +33,60 @@ def heldout_rows(rows_dir: Path, task: str, rows: int, image_size: int) -> Path:
     return path
 
 
+def question_parts(path: Path) -> dict[str, Path]:
+    """The visual_qa rows in `path` split by `world.question_kind`, each kind written beside it (once)."""
+    by_kind: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        question = json.loads(line)["conversations"][0]["value"].removeprefix("<image>\n")
+        by_kind.setdefault(world.question_kind(question), []).append(line)
+    parts = {}
+    for kind, lines in sorted(by_kind.items()):
+        parts[kind] = path.with_name(f"{path.stem}-{kind}.jsonl")
+        if not parts[kind].exists():
+            parts[kind].write_text("\n".join(lines) + "\n")
+    return parts
+
+
 def score(target: Path, drafts: dict[str, Path], tasks: list[str], rows: int, rows_dir: Path,
-          max_tokens: int = 128, k: int = 4) -> dict:
-    from vllm_flash.evaluate import compare, engine_env, requests_from_data
+          max_tokens: int = 128, k: int = 4, by_question_kind: bool = False) -> dict:
+    """Each draft's tau on the held-out rows of each task. With `by_question_kind`, the answers are scored one
+    question kind at a time (results["question_kinds"]), and their task's figures are those parts summed."""
+    from vllm_flash.evaluate import (acceptance_summary, compare, draft_config, engine_env, requests_from_data,
+                                     sum_metrics)
 
     engine_env()
     size = world.image_size_of(target)
-    results = {"target": str(target), "rows": rows, "max_tokens": max_tokens, "tasks": {}}
+    runs = {}
+    for name, draft in drafts.items():
+        own_k = json.loads((draft / "config.json").read_text()).get("num_speculative_tokens", k)
+        runs[name] = draft_config(draft, min(k, own_k) if draft_method(draft) == "flash" else k)
+    results = {"target": str(target), "rows": rows, "max_tokens": max_tokens, "tasks": {}, "seconds": {}}
     for task in tasks:
-        requests, limits, bad = requests_from_data(str(target), str(heldout_rows(rows_dir, task, rows, size)),
-                                                   str(rows_dir))
-        if bad:
-            raise SystemExit(f"held-out rows of {task} unusable: {bad}")
-        for name, draft in drafts.items():
-            start = time.perf_counter()
-            config = json.loads((draft / "config.json").read_text())
-            eagle3 = "speculators_model_type" in config  # a `speculators` EAGLE-3 draft, for vLLM's eagle3
-            r = compare(str(target), str(draft), requests, k if eagle3 else min(k, config["num_speculative_tokens"]),
-                        max_tokens, engine={"limit_mm_per_prompt": limits}, method="eagle3" if eagle3 else "flash")
+        path = heldout_rows(rows_dir, task, rows, size)
+        parts = question_parts(path) if by_question_kind and task == "visual_qa" else {"all": path}
+        start = time.perf_counter()
+        measured = {name: [] for name in drafts}
+        for kind, part in parts.items():
+            requests, limits, bad = requests_from_data(str(target), str(part), str(rows_dir))
+            if bad:
+                raise SystemExit(f"held-out rows of {task} unusable: {bad}")
+            r = compare(str(target), runs, requests, max_tokens, engine={"limit_mm_per_prompt": limits})
+            for name in drafts:
+                measured[name].append((r[name]["metrics"], r[name]["identical_to_none"]))
+                if kind != "all":
+                    results.setdefault("question_kinds", {}).setdefault(kind, {"rows": len(requests)})[name] = {
+                        "tau": round(r[name]["tau"], 4), "verify_steps": r[name]["metrics"]["num_drafts"],
+                        "identical_to_none": r[name]["identical_to_none"]}
+        for name, parts_measured in measured.items():
+            summary = acceptance_summary(sum_metrics([m for m, _ in parts_measured]),
+                                         runs[name]["num_speculative_tokens"])
+            identical = all(same for _, same in parts_measured)
             results["tasks"].setdefault(task, {})[name] = {
-                "tau": round(r["tau"], 4), "acceptance_per_position": [round(a, 4) for a in r["acceptance_per_position"]],
-                "identical_to_none": r["identical_to_none"], "seconds": round(time.perf_counter() - start, 1)}
-            print(f"{task} {name}: tau {r['tau']:.3f}, identical to none: {r['identical_to_none']}", flush=True)
+                "tau": round(summary["tau"], 4),
+                "acceptance_per_position": [round(a, 4) for a in summary["acceptance_per_position"]],
+                "identical_to_none": identical}
+            print(f"{task} {name}: tau {summary['tau']:.3f}, identical to none: {identical}", flush=True)
+        results["seconds"][task] = round(time.perf_counter() - start, 1)
     return results
 
 
@@ -69,6 +103,14 @@ def markdown(results: dict) -> str:
         if "flash" in names and other in names:
             lines += ["", f"flash / {other} tau: " + ", ".join(
                 f"{task} {d['flash']['tau'] / d[other]['tau']:.3f}" for task, d in results["tasks"].items())]
+    if "question_kinds" in results:
+        lines += ["", "visual_qa by question kind (`world.question_kind`):", "",
+                  "| question kind | rows | " + " | ".join(names) + " | identical to none |",
+                  "|---|---|" + "---|" * (len(names) + 1)]
+        for kind, by_draft in results["question_kinds"].items():
+            identical = all(by_draft[n]["identical_to_none"] for n in names)
+            lines.append(f"| {kind} | {by_draft['rows']} | " + " | ".join(f"{by_draft[n]['tau']:.3f}" for n in names)
+                         + f" | {identical} |")
     return "\n".join(lines) + "\n"
 
 
@@ -77,8 +119,7 @@ def parse_drafts(spec: str, assets: Path) -> dict[str, Path]:
     for item in spec.split(","):
         name, _, path = item.partition("=")
         drafts[name] = Path(path) if path else assets / "drafts" / name
-        if not (drafts[name] / "config.json").exists():
-            raise SystemExit(f"no draft at {drafts[name]}")
+        draft_method(drafts[name])  # refuses a folder that holds no FLASH or EAGLE-3 draft, naming it
     return drafts
 
 
@@ -91,6 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rows-dir", default="build/heldout-rows", help="where the held-out rows are written once")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--by-question-kind", action="store_true",
+                   help="score the answers one question kind at a time too (where is, what color, how many)")
+    p.add_argument("--output", default="heldout_tau", help="RESULTS/OUTPUT.{json,md}")
     args = p.parse_args(argv)
     assets = Path(args.assets)
     tasks = args.tasks.split(",")
@@ -98,11 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; choose from {world.TASKS}")
     results = score(assets / "target", parse_drafts(args.drafts, assets), tasks, args.rows, Path(args.rows_dir),
-                    args.max_tokens)
+                    args.max_tokens, by_question_kind=args.by_question_kind)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "heldout_tau.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "heldout_tau.md").write_text(markdown(results))
+    (out / f"{args.output}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"{args.output}.md").write_text(markdown(results))
     print(markdown(results))
     return results
 
