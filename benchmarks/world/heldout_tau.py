@@ -33,6 +33,14 @@ def heldout_rows(rows_dir: Path, task: str, rows: int, image_size: int) -> Path:
     return path
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory where it lies below it (results name no machine's folders)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def question_parts(path: Path) -> dict[str, Path]:
     """The visual_qa rows in `path` split by `world.question_kind`, each kind written beside it (once)."""
     by_kind: dict[str, list[str]] = {}
@@ -60,7 +68,7 @@ def score(target: Path, drafts: dict[str, Path], tasks: list[str], rows: int, ro
     for name, draft in drafts.items():
         own_k = json.loads((draft / "config.json").read_text()).get("num_speculative_tokens", k)
         runs[name] = draft_config(draft, min(k, own_k) if draft_method(draft) == "flash" else k)
-    results = {"target": str(target), "rows": rows, "max_tokens": max_tokens, "tasks": {}, "seconds": {}}
+    results = {"target": _shown(target), "rows": rows, "max_tokens": max_tokens, "tasks": {}, "seconds": {}}
     for task in tasks:
         path = heldout_rows(rows_dir, task, rows, size)
         parts = question_parts(path) if by_question_kind and task == "visual_qa" else {"all": path}
