@@ -6,8 +6,8 @@ from collections import Counter
 import pytest
 
 from vllm_flash.data import BadDataReport, read_conversations
-from vllm_flash.world import (COLORS, NUMBERS, TASKS, Obj, example, question_kind, render, sample_scene,
-                              sentence_kind, sentences, shares_a_colour, write_split, wrong_sentences)
+from vllm_flash.world import (COLORS, NUMBERS, SHAPES, TASKS, Obj, example, question_kind, render, sample_scene,
+                              sentence_kind, sentences, shape_swaps, shares_a_colour, write_split, wrong_sentences)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -180,3 +180,29 @@ def test_a_colour_is_shared_by_objects_of_two_shapes_in_any_scene():
     assert not shares_a_colour([[blue_circle, red_circle]])
     shared = sum(shares_a_colour(example("video_caption", seed)["scenes"]) for seed in range(200))
     assert 40 < shared < 160  # common enough to weigh in a clip's accuracy (267 of 600 held out)
+
+
+def test_a_sentence_naming_the_wrong_shape_is_counted_by_whether_that_shape_shares_the_colour():
+    """The held-out check counts the target's wrong-shape sentences by whether the shape it says is another
+    object of the same colour (the same-colour confusion) or no object at all."""
+    for seed in range(500):
+        row = example("video_caption", seed)
+        objects = [o for scene in row["scenes"] for o in scene]
+        move = next((s for s in sentences(row["answer"]) if sentence_kind(s) == "move"), None)
+        if move is None:
+            continue
+        colour, shape = move.split()[1:3]  # "The blue circle moves to the top right"
+        others = {o.shape for o in objects if o.color == colour and o.shape != shape}
+        if others:
+            break
+    else:
+        raise AssertionError("no clip moves one of two same-coloured objects")
+    other = sorted(others)[0]
+    absent = next(x for x in SHAPES if x != shape and (colour, x) not in {(o.color, o.shape) for o in objects})
+    swapped = row["answer"].replace(move, move.replace(f"{colour} {shape}", f"{colour} {other}", 1))
+    assert shape_swaps(swapped, row["answer"], row["scenes"]) == {"other object": 1}
+    made_up = row["answer"].replace(move, move.replace(f"{colour} {shape}", f"{colour} {absent}", 1))
+    assert shape_swaps(made_up, row["answer"], row["scenes"]) == {"no such object": 1}
+    assert shape_swaps(row["answer"], row["answer"], row["scenes"]) == {}
+    moved_elsewhere = row["answer"].replace(move, move.rsplit(" ", 1)[0] + " nowhere", 1)
+    assert shape_swaps(moved_elsewhere, row["answer"], row["scenes"]) == {}  # not a shape word

@@ -276,6 +276,29 @@ def wrong_sentences(output: str, reference: str) -> tuple[Counter, Counter]:
             Counter(sentence_kind(s, strict=False) for s in (said - meant).elements()))
 
 
+def shape_swaps(output: str, reference: str, scenes: list[list[Obj]]) -> Counter:
+    """The output's sentences that are a missing reference sentence with one shape word changed, counted by
+    whether the shape said is another object of the colour named before it in the scenes ("other object") or
+    not ("no such object"): how often a wrong object is one that shares the colour of the right one."""
+    said, meant = Counter(sentences(output)), Counter(sentences(reference))
+    missing, extra = list((meant - said).elements()), list((said - meant).elements())
+    objects = {(o.color, o.shape) for scene in scenes for o in scene}
+    swaps: Counter = Counter()
+    for wrong in extra:
+        for right in missing:
+            pairs = [(a, b) for a, b in zip(right.split(), wrong.split()) if a != b]
+            if len(right.split()) != len(wrong.split()) or len(pairs) != 1:
+                continue
+            true, spoken = pairs[0]
+            if true not in SHAPES or spoken not in SHAPES:
+                continue
+            colour = right.split()[right.split().index(true) - 1]
+            swaps["other object" if (colour, spoken) in objects else "no such object"] += 1
+            missing.remove(right)
+            break
+    return swaps
+
+
 def write_row(job: tuple) -> str:
     """One row of `write_split`: its media written under `out`, its JSONL line returned."""
     out, task, split, i, image_size = job

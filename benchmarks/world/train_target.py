@@ -789,6 +789,7 @@ def heldout_accuracy(target: Path, per_task: int, image_size: int, max_tokens: i
         missed, extra, sentences = Counter(), Counter(), Counter()
         asked, right = Counter(), Counter()  # per kind of question
         shared, shared_right = Counter(), Counter()  # by whether objects of two shapes share a colour
+        swaps = Counter()  # sentences naming the wrong shape, by whether it is another object of the colour
         for i, (out, (_, reference)) in enumerate(zip(outputs, pairs)):
             got, ref = out.outputs[0].text.strip().split(), reference.split()
             exact += got == ref
@@ -803,13 +804,15 @@ def heldout_accuracy(target: Path, per_task: int, image_size: int, max_tokens: i
             words += sum(a == b for a, b in zip(got, ref))
             total += len(ref)
             lacking, added = world.wrong_sentences(out.outputs[0].text, reference)
+            swaps += world.shape_swaps(out.outputs[0].text, reference, row["scenes"])
             missed, extra = missed + lacking, extra + added
             sentences += Counter(map(world.sentence_kind, world.sentences(reference)))
         accuracy[task] = {"exact_match": round(exact / per_task, 3), "word_accuracy": round(words / total, 3),
                           "missed_sentences": {kind: f"{missed[kind]}/{n}" for kind, n in sentences.items()},
                           "extra_sentences": dict(extra),
                           "exact_when_a_colour_is_shared": f"{shared_right[True]}/{shared[True]}",
-                          "exact_otherwise": f"{shared_right[False]}/{shared[False]}"}
+                          "exact_otherwise": f"{shared_right[False]}/{shared[False]}",
+                          "shape_swaps": dict(swaps)}
         if asked:
             accuracy[task]["exact_by_question"] = {kind: f"{right[kind]}/{n}" for kind, n in sorted(asked.items())}
     return accuracy
