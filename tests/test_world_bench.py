@@ -326,6 +326,10 @@ def test_eval_names_what_is_wrong_with_its_drafts_and_fails_when_outputs_differ(
     assert {name: (r["method"], r["num_speculative_tokens"]) for name, r in runs.items()} == {
         "flash:flash": ("flash", 4), "flash:flash_k1": ("flash", 1), "eagle3": ("eagle3", 4), "ngram": ("ngram", 4)}
     assert {r["num_speculative_tokens"] for r in evaluate.eval_runs([flash, eagle3], False, 3).values()} == {3}
+    with pytest.raises(SystemExit, match="drafts at most K = 1 tokens, not --k 4"):
+        evaluate.eval_runs([k1], False, 4)
+    with pytest.raises(SystemExit, match="at least 1"):
+        evaluate.eval_runs([flash], False, 0)
 
     (tmp_path / "rows.jsonl").write_text('{"id": "x", "conversations": []}\n')
     with pytest.raises(SystemExit, match="no usable rows"):

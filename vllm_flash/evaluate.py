@@ -147,12 +147,16 @@ def requests_from_data(target: str, data: str, image_root: str | None = None) ->
 def eval_runs(drafts: list[str], ngram: bool, k: int | None) -> dict[str, dict]:
     """`vllm-flash eval`'s runs: each draft under its method's name (with its folder's name where two share a
     method), then ngram. K defaults to what a FLASH draft was built for, and to 4 otherwise."""
+    if k is not None and k < 1:
+        raise SystemExit(f"vllm-flash eval: --k must be at least 1, not {k}")
     configs = []
     for draft in drafts:
         method = draft_method(draft)
-        if k is None and method == "flash":
-            configs.append(draft_config(draft, json.loads((Path(draft) / "config.json").read_text())
-                                        ["num_speculative_tokens"]))
+        if method == "flash":  # its K slots are built in: refuse more before any engine starts
+            built = json.loads((Path(draft) / "config.json").read_text())["num_speculative_tokens"]
+            if k is not None and k > built:
+                raise SystemExit(f"vllm-flash eval: {draft} drafts at most K = {built} tokens, not --k {k}")
+            configs.append(draft_config(draft, built if k is None else k))
         else:
             configs.append(draft_config(draft, k or 4))
     methods = [c["method"] for c in configs]
