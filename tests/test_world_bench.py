@@ -281,6 +281,7 @@ def test_accuracy_scores_the_split_it_is_asked_about(monkeypatch):
                      for i in range(rows))
         assert on_train[task]["exact_when_a_colour_is_shared"] == f"{shared}/{shared}"
         assert on_train[task]["exact_otherwise"] == f"{rows - shared}/{rows - shared}"
+    assert all(on_train[task]["shape_swaps"] == {} for task in world.TASKS)  # no sentence names a wrong shape
     held_out = recipe_mod.heldout_accuracy(Path("unused"), rows, 84)
     assert all(held_out[task]["exact_match"] < 1.0 for task in world.TASKS)
 
@@ -326,7 +327,7 @@ def test_eval_names_what_is_wrong_with_its_drafts_and_fails_when_outputs_differ(
     assert {name: (r["method"], r["num_speculative_tokens"]) for name, r in runs.items()} == {
         "flash:flash": ("flash", 4), "flash:flash_k1": ("flash", 1), "eagle3": ("eagle3", 4), "ngram": ("ngram", 4)}
     assert {r["num_speculative_tokens"] for r in evaluate.eval_runs([flash, eagle3], False, 3).values()} == {3}
-    with pytest.raises(SystemExit, match="drafts at most K = 1 tokens, not --k 4"):
+    with pytest.raises(SystemExit, match="drafts at most K = 1 tokens, not 4"):
         evaluate.eval_runs([k1], False, 4)
     with pytest.raises(SystemExit, match="at least 1"):
         evaluate.eval_runs([flash], False, 0)

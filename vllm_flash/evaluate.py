@@ -64,15 +64,19 @@ def acceptance_summary(metrics: dict, k: int) -> dict:
 NGRAM = {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 5}
 
 
-def draft_method(draft: str | Path) -> str:
-    """The vLLM method that serves the draft in `draft`: "flash", or "eagle3" for a `speculators` EAGLE-3 draft."""
+def _draft_settings(draft: str | Path) -> dict:
     path = Path(draft) / "config.json"
     if not path.is_file():
         raise SystemExit(f"no draft at {draft}: {path} does not exist")
     try:
-        config = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise SystemExit(f"{path} is not valid JSON: {e}") from None
+
+
+def draft_method(draft: str | Path, config: dict | None = None) -> str:
+    """The vLLM method that serves the draft in `draft`: "flash", or "eagle3" for a `speculators` EAGLE-3 draft."""
+    config = _draft_settings(draft) if config is None else config
     if config.get("model_type") == "flash_draft":
         return "flash"
     if "speculators_model_type" in config:
@@ -81,9 +85,17 @@ def draft_method(draft: str | Path) -> str:
                      f"(speculators_model_type); its model_type is {config.get('model_type')!r}")
 
 
-def draft_config(draft: str | Path, k: int) -> dict:
-    """vLLM's speculative_config for the draft in `draft` at K = k."""
-    return {"method": draft_method(draft), "model": str(draft), "num_speculative_tokens": k}
+def draft_config(draft: str | Path, k: int | None = None) -> dict:
+    """vLLM's speculative_config for the draft in `draft`. K defaults to what a FLASH draft was built for, and to 4
+    for an EAGLE-3 draft; more than a FLASH draft was built for is refused before any engine starts."""
+    config = _draft_settings(draft)
+    method = draft_method(draft, config)
+    if method == "flash":
+        built = config["num_speculative_tokens"]
+        if k is not None and k > built:
+            raise SystemExit(f"{draft} drafts at most K = {built} tokens, not {k}")
+        k = built if k is None else k
+    return {"method": method, "model": str(draft), "num_speculative_tokens": k or 4}
 
 
 def compare(target: str, runs: dict[str, dict], requests: list, max_tokens: int, engine: dict | None = None,
@@ -100,8 +112,8 @@ def compare(target: str, runs: dict[str, dict], requests: list, max_tokens: int,
     measured = {}
     # ngram last: once its numba kernels are loaded, vLLM 0.32 cannot start another engine in this process.
     order = ["none", *sorted(runs, key=lambda name: runs[name]["method"] == "ngram")]
-    for name, spec in ((name, runs.get(name)) for name in order):
-        llm = LLM(speculative_config=spec, **options)
+    for name in order:
+        llm = LLM(speculative_config=runs.get(name), **options)
         llm.generate(requests[:1], params, use_tqdm=False)  # warm-up
         before = spec_metrics(llm)
         times, outputs = [], None
@@ -149,16 +161,7 @@ def eval_runs(drafts: list[str], ngram: bool, k: int | None) -> dict[str, dict]:
     method), then ngram. K defaults to what a FLASH draft was built for, and to 4 otherwise."""
     if k is not None and k < 1:
         raise SystemExit(f"vllm-flash eval: --k must be at least 1, not {k}")
-    configs = []
-    for draft in drafts:
-        method = draft_method(draft)
-        if method == "flash":  # its K slots are built in: refuse more before any engine starts
-            built = json.loads((Path(draft) / "config.json").read_text())["num_speculative_tokens"]
-            if k is not None and k > built:
-                raise SystemExit(f"vllm-flash eval: {draft} drafts at most K = {built} tokens, not --k {k}")
-            configs.append(draft_config(draft, built if k is None else k))
-        else:
-            configs.append(draft_config(draft, k or 4))
+    configs = [draft_config(draft, k) for draft in drafts]
     methods = [c["method"] for c in configs]
     runs = {(c["method"] if methods.count(c["method"]) == 1 else f"{c['method']}:{Path(c['model']).name}"): c
             for c in configs}

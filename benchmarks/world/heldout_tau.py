@@ -4,7 +4,8 @@ The bench's few requests a cell and the 60 held-out rows of `build/world/data` m
 the mix of rows (on 60 answers the shipped compressor seemed to lose 0.04 of tau that 600 answers did not show).
 This writes N held-out rows per task (once, into --rows-dir) and scores each draft on them with
 `vllm-flash eval`'s comparison: greedy, against plain vLLM in the same run, so it also checks that every output
-is identical. A `speculators` EAGLE-3 draft (`eagle3`) is served by vLLM's eagle3 at K = 4.
+is identical. A FLASH draft runs at the K it was built for; a `speculators` EAGLE-3 draft (`eagle3`) is
+served by vLLM's eagle3 at K = 4.
 
     .venv/bin/python benchmarks/world/heldout_tau.py --drafts flash,flash_nocompress,eagle3 [--rows 600] \
         [--tasks image_caption,visual_qa] [--by-question-kind] [--results benchmarks/results] [--output heldout_tau]
@@ -56,7 +57,7 @@ def question_parts(path: Path) -> dict[str, Path]:
 
 
 def score(target: Path, drafts: dict[str, Path], tasks: list[str], rows: int, rows_dir: Path,
-          max_tokens: int = 128, k: int = 4, by_question_kind: bool = False) -> dict:
+          max_tokens: int = 128, by_question_kind: bool = False) -> dict:
     """Each draft's tau on the held-out rows of each task. With `by_question_kind`, the answers are scored one
     question kind at a time (results["question_kinds"]), and their task's figures are those parts summed."""
     from vllm_flash.evaluate import (acceptance_summary, compare, draft_config, engine_env, requests_from_data,
@@ -64,10 +65,7 @@ def score(target: Path, drafts: dict[str, Path], tasks: list[str], rows: int, ro
 
     engine_env()
     size = world.image_size_of(target)
-    runs = {}
-    for name, draft in drafts.items():
-        own_k = json.loads((draft / "config.json").read_text()).get("num_speculative_tokens", k)
-        runs[name] = draft_config(draft, min(k, own_k) if draft_method(draft) == "flash" else k)
+    runs = {name: draft_config(draft) for name, draft in drafts.items()}  # each FLASH draft at the K it was built for
     results = {"target": _shown(target), "rows": rows, "max_tokens": max_tokens, "tasks": {}, "seconds": {}}
     for task in tasks:
         path = heldout_rows(rows_dir, task, rows, size)
